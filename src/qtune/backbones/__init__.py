@@ -1,0 +1,82 @@
+"""Backbones: load a timm ViT by name, from a local weights file or (with a network) from the hub."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from ..errors import ConfigError, WeightsError
+from ..preprocessing import Preprocessing
+from .taps import Taps
+from .vit import Backbone, BackboneIdentity, QueryOutput
+from .weights import load_into, weights_hash
+
+__all__ = ["Backbone", "BackboneIdentity", "QueryOutput", "Taps", "load_backbone"]
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def _resolve_weights_dir(path: Path) -> tuple[Path, dict[str, Any]]:
+    """A folder in timm's hub layout: a weights file + config.json (architecture, pretrained_cfg)."""
+    cfg_file = path / "config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    for fname in _WEIGHT_FILES:
+        if (path / fname).is_file():
+            return path / fname, cfg
+    raise WeightsError(f"{path}: folder holds none of {', '.join(_WEIGHT_FILES)}")
+
+
+def load_backbone(
+    name: str | None,
+    weights: str | Path | None = None,
+    *,
+    pretrained: bool = False,
+    model_args: dict[str, Any] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    init_seed: int = 0,
+) -> Backbone:
+    """Build a frozen timm ViT.
+
+    name: a timm model name (``vit_base_patch16_224``, optionally with a ``.tag`` selecting the pretrained config);
+        may be omitted when ``weights`` is a folder whose config.json names the architecture.
+    weights: a local file (.safetensors/.pth/.bin/.npz) or a folder in timm's hub layout. Without it, the weights
+        are random (seeded by ``init_seed``, so the identity is reproducible) unless ``pretrained`` asks timm for
+        the hub weights, which needs a network.
+    model_args: keyword arguments for the timm constructor (img_size, depth, global_pool, ...).
+    preprocessing: overrides of input_size / interpolation / mean / std.
+    """
+    model_args = dict(model_args or {})
+    pretrained_cfg: dict[str, Any] | None = None
+    weights_path = Path(weights) if weights is not None else None
+    if weights_path is not None and weights_path.is_dir():
+        weights_path, cfg = _resolve_weights_dir(weights_path)
+        name = name or cfg.get("architecture")
+        pretrained_cfg = cfg.get("pretrained_cfg")
+    if weights_path is not None and not weights_path.exists():
+        raise WeightsError(f"{weights_path}: weights file not found")
+    if not name:
+        raise ConfigError("a backbone name is needed (e.g. vit_base_patch16_224)")
+    kwargs: dict[str, Any] = dict(model_args, num_classes=0)
+    if pretrained_cfg is not None:
+        kwargs["pretrained_cfg"] = pretrained_cfg
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = timm.create_model(name, pretrained=pretrained and weights_path is None, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ConfigError(f"unknown timm model {name!r}") from e
+        raise
+    except TypeError as e:
+        raise ConfigError(f"backbone {name!r}: bad model argument ({e})") from e
+    if weights_path is not None:
+        load_into(model, weights_path)
+    data_config = timm.data.resolve_model_data_config(model)
+    # The model's own input size wins over the pretrained config's (img_size may have been overridden).
+    data_config["input_size"] = (3, *model.patch_embed.img_size)
+    prep = Preprocessing.from_timm(data_config).override(**(preprocessing or {}))
+    identity = BackboneIdentity(name, weights_hash(model), {k: v for k, v in model_args.items()})
+    return Backbone(model, identity, prep)

@@ -1,0 +1,35 @@
+"""Taps: everything a side-path method reads from the frozen stream for one batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class Taps:
+    """Per-block keys/values of the frozen stream, plus its pooled final feature.
+
+    keys[j], values[j]: (B, H, N, head_dim) for block ``blocks[j]``: K_i and V_i of norm1(X_{i-1}), after k_norm.
+    pooled: (B, D), the backbone's own pre-logits feature (final norm, then CLS or mean pooling).
+    The sequences may be lazy (e.g. read from disk block by block); methods index them by position.
+    """
+
+    keys: Sequence[torch.Tensor]
+    values: Sequence[torch.Tensor]
+    pooled: torch.Tensor
+    blocks: tuple[int, ...]
+
+    def kv(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of backbone block ``block`` (its index in the backbone, not in ``blocks``)."""
+        j = self.blocks.index(block)
+        return self.keys[j], self.values[j]
+
+    @property
+    def batch_size(self) -> int:
+        return self.pooled.shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Taps":
+        move = (lambda t: t.to(device=device, dtype=dtype)) if dtype else (lambda t: t.to(device=device))
+        return Taps([move(k) for k in self.keys], [move(v) for v in self.values], move(self.pooled), self.blocks)

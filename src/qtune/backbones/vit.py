@@ -1,0 +1,177 @@
+"""A frozen timm VisionTransformer seen as a stream of blocks: ``trace`` reads it, ``query_block`` queries it.
+
+We consume timm's model contract and never fork its block code; the two pure functions below re-use each block's
+own sub-modules (norm1, attn.qkv, q_norm/k_norm, proj, ls1, norm2, mlp, ls2), so any pre-norm timm ViT works:
+supervised, MAE, DINO, MoCo v3, CLIP, and LayerScale / qk-norm variants.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..preprocessing import Preprocessing
+from .taps import Taps
+
+_BLOCK_PARTS = ("norm1", "attn", "ls1", "norm2", "mlp", "ls2")
+_ATTN_PARTS = ("qkv", "proj", "num_heads", "head_dim", "scale", "q_norm", "k_norm")
+
+
+class QueryOutput(NamedTuple):
+    """What query tokens give in one frozen block (METHODS.md, KEM): A_i, M_i and H_i = T_i + A_i + M_i."""
+
+    attn: torch.Tensor
+    mlp: torch.Tensor
+    out: torch.Tensor
+
+
+@dataclass(frozen=True)
+class BackboneIdentity:
+    """What a checkpoint records about the backbone it was trained on."""
+
+    name: str
+    weights_hash: str
+    model_args: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "weights_hash": self.weights_hash, "model_args": self.model_args}
+
+
+def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    b, n, _ = t.shape
+    return t.view(b, n, num_heads, -1).transpose(1, 2)  # (B, H, N, hd)
+
+
+def _merge(t: torch.Tensor) -> torch.Tensor:
+    b, h, n, hd = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * hd)  # (B, N, H*hd)
+
+
+def _attn_out(attn: nn.Module, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Heads merged -> (scale norm) -> (gate) -> proj, as in timm's Attention."""
+    x = attn.norm(_merge(o)) if hasattr(attn, "norm") else _merge(o)
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        x = x * gate(h).sigmoid()
+    return attn.proj(x)
+
+
+class Backbone(nn.Module):
+    """A frozen timm VisionTransformer plus its identity and preprocessing.
+
+    Frozen means: no parameter requires grad, the model stays in eval mode (no dropout, no stochastic depth),
+    and ``trace`` runs without autograd, so nothing of the stream is kept for backward.
+    """
+
+    def __init__(self, model: nn.Module, identity: BackboneIdentity, preprocessing: Preprocessing):
+        super().__init__()
+        for i, blk in enumerate(getattr(model, "blocks", ())):
+            missing = [p for p in _BLOCK_PARTS if not hasattr(blk, p)] + [
+                f"attn.{p}" for p in _ATTN_PARTS if not hasattr(getattr(blk, "attn", None), p)]
+            if missing:
+                raise ConfigError(f"backbone {identity.name!r}: block {i} ({type(blk).__name__}) is not a pre-norm "
+                                  f"timm ViT block (lacks {', '.join(missing)})")
+        if not hasattr(model, "blocks") or len(model.blocks) == 0:
+            raise ConfigError(f"backbone {identity.name!r}: not a timm VisionTransformer (no blocks)")
+        self.model = model
+        self.identity = identity
+        self.preprocessing = preprocessing
+        self.requires_grad_(False)
+        self.model.eval()
+
+    # -- shape facts, taken from the model, never hard-coded --
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def dim(self) -> int:
+        return self.model.embed_dim
+
+    @property
+    def num_heads(self) -> int:
+        return self.model.blocks[0].attn.num_heads
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.patch_embed.patch_size[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.model.patch_embed.num_patches + self.model.num_prefix_tokens
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm whose output the pooled feature comes from (fc_norm when the model pools by averaging)."""
+        return self.model.fc_norm if not isinstance(self.model.fc_norm, nn.Identity) else self.model.norm
+
+    def train(self, mode: bool = True) -> "Backbone":
+        """Stay in eval mode: the frozen stream is deterministic (required for caching)."""
+        return super().train(False)
+
+    # -- the frozen stream --
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """X_0: patch embedding, prefix tokens, position embedding, pre-norm."""
+        m = self.model
+        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+
+    def stream_block(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """X_i from X_{i-1} through block i, also returning its K_i, V_i (B, H, N, hd)."""
+        blk = self.model.blocks[i]
+        attn = blk.attn
+        h = blk.norm1(x)
+        q, k, v = _heads(attn.qkv(h), 3 * attn.num_heads).chunk(3, dim=1)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        a = _attn_out(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale), h)
+        x = x + blk.ls1(a)
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        return x, k, v
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The pooled feature through timm's own forward, with autograd where parameters train (stream methods)."""
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's pre-logits feature from X_L: final norm, then CLS or mean pooling (timm's forward_head)."""
+        return self.model.forward_head(self.model.norm(x), pre_logits=True)
+
+    @torch.no_grad()
+    def trace(self, images: torch.Tensor, blocks: Iterable[int] | None = None) -> Taps:
+        """Run the frozen stream once, keeping K/V of ``blocks`` (default: all) and the pooled feature."""
+        keep = tuple(range(self.depth)) if blocks is None else tuple(sorted(set(blocks)))
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        x = self.embed(images)
+        for i in range(self.depth):
+            x, k, v = self.stream_block(i, x)
+            if i in keep:  # compact copies, so the block's q and qkv buffers are not kept alive by views
+                keys.append(k.contiguous())
+                values.append(v.contiguous())
+        return Taps(keys, values, self.pool(x).clone(), keep)
+
+    def query_block(self, i: int, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> QueryOutput:
+        """Query tokens (B, n, D) through frozen block i, attending over its K_i, V_i only.
+
+        Queries neither see each other nor change the stream. Pure in the frozen weights: gradients flow to
+        ``tokens`` only. Half-precision K/V (from a cache) are promoted to the tokens' dtype.
+        """
+        blk = self.model.blocks[i]
+        attn = blk.attn
+        h = blk.norm1(tokens)
+        q_dim = attn.num_heads * attn.head_dim
+        bias = attn.qkv.bias[:q_dim] if attn.qkv.bias is not None else None
+        q = attn.q_norm(_heads(F.linear(h, attn.qkv.weight[:q_dim], bias), attn.num_heads))
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), scale=attn.scale)
+        a = blk.ls1(_attn_out(attn, o, h))
+        e = tokens + a
+        m = blk.ls2(blk.mlp(blk.norm2(e)))
+        return QueryOutput(a, m, e + m)
+
+    def kv_bytes_per_sample(self, blocks: Sequence[int] | None = None, bytes_per_value: int = 2) -> int:
+        """Size of one sample's K/V for ``blocks`` (default all), at ``bytes_per_value``."""
+        n_blocks = self.depth if blocks is None else len(blocks)
+        return 2 * n_blocks * self.num_tokens * self.num_heads * self.model.blocks[0].attn.head_dim * bytes_per_value

@@ -1,0 +1,77 @@
+"""Adapter-only checkpoints: trainable tensors (safetensors) + method config and backbone identity (JSON).
+
+The frozen backbone is never written; loading rebuilds the method on a backbone and refuses one whose identity
+(name + weights hash) differs from the one it was trained on.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..backbones import Backbone
+from ..errors import CheckpointError
+from ..io import atomic_write, write_json
+from ..methods import create_method
+from ..tuned import TunedModel
+
+TENSORS = "adapter.safetensors"
+CONFIG = "adapter_config.json"
+FORMAT_VERSION = 1
+
+
+def save_adapter(directory: Path, model: TunedModel, classes: Sequence[str], extra: dict[str, Any] | None = None) -> None:
+    """Write the trainable tensors and everything needed to rebuild them on the same backbone."""
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.trainable_parameters().items()}
+    atomic_write(directory / TENSORS, lambda p: save_file(tensors, str(p), metadata={"format": "qtune-adapter"}))
+    write_json(directory / CONFIG, {
+        "format_version": FORMAT_VERSION,
+        "method": model.method.name,
+        "method_config": model.method.config.to_dict(),
+        "num_classes": model.method.num_classes,
+        "classes": list(classes),
+        "backbone": model.backbone.identity.to_dict(),
+        "preprocessing": model.backbone.preprocessing.to_dict(),
+        **(extra or {}),
+    })
+
+
+def read_adapter_config(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (is {directory} a qtune checkpoint folder?)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt JSON ({e})") from None
+    for key in ("method", "method_config", "num_classes", "backbone"):
+        if key not in cfg:
+            raise CheckpointError(f"{path}: field {key!r} missing")
+    return cfg
+
+
+def load_adapter(directory: Path, backbone: Backbone) -> tuple[TunedModel, dict[str, Any]]:
+    """Rebuild the tuned model from ``directory`` on ``backbone``, after checking it is the same backbone."""
+    directory = Path(directory)
+    cfg = read_adapter_config(directory)
+    want, have = cfg["backbone"], backbone.identity
+    if want["name"] != have.name or want["weights_hash"] != have.weights_hash:
+        raise CheckpointError(
+            f"{directory}: trained on backbone {want['name']} (weights {want['weights_hash'][:12]}), "
+            f"not on {have.name} (weights {have.weights_hash[:12]})")
+    model = TunedModel(backbone, create_method(cfg["method"], backbone, cfg["num_classes"], cfg["method_config"]))
+    try:
+        tensors = load_file(str(directory / TENSORS))
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise CheckpointError(f"{directory / TENSORS}: cannot read ({e})") from None
+    params = model.trainable_parameters()
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    bad_shape = [n for n in set(params) & set(tensors) if params[n].shape != tensors[n].shape]
+    if missing or unexpected or bad_shape:
+        raise CheckpointError(f"{directory / TENSORS}: tensors do not match method {cfg['method']!r} "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]})")
+    model.load_state_dict(tensors, strict=False)
+    return model, cfg

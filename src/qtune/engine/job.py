@@ -1,0 +1,117 @@
+"""A complete training run: backbone + data + method + schedule -> a run folder with config, metrics, result
+and an adapter checkpoint. The CLI and the demo both go through here."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..backbones import Backbone, load_backbone
+from ..data import ImageDataset, Listing, read_split
+from ..errors import ConfigError
+from ..io import write_json
+from ..methods import create_method, get_method
+from ..tuned import TunedModel
+from .checkpoint import save_adapter
+from .loop import ImageBatches, TrainConfig, evaluate, fit, peak_memory
+from .provenance import provenance
+
+
+@dataclass
+class BackboneSpec:
+    name: str | None = None
+    weights: str | None = None
+    pretrained: bool = False
+    model_args: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0
+
+    def load(self) -> Backbone:
+        return load_backbone(self.name, self.weights, pretrained=self.pretrained, model_args=self.model_args,
+                             preprocessing=self.preprocessing, init_seed=self.init_seed)
+
+
+@dataclass
+class DataSpec:
+    train: str
+    val: str | None = None
+    test: str | None = None
+    num_classes: int | None = None
+    root: str | None = None
+
+    def read(self) -> dict[str, Listing]:
+        """Listings of the given splits, sharing the training split's classes."""
+        root = Path(self.root) if self.root else None
+        train = read_split(self.train, num_classes=self.num_classes, root=root)
+        splits = {"train": train}
+        for name in ("val", "test"):
+            path = getattr(self, name)
+            if path:
+                splits[name] = read_split(path, classes=train.classes, num_classes=len(train.classes), root=root)
+        return splits
+
+
+@dataclass
+class JobSpec:
+    backbone: BackboneSpec
+    data: DataSpec
+    method: str
+    method_config: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = "runs/run"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_job(spec: JobSpec, overwrite: bool = False) -> dict[str, Any]:
+    """Run one training job end to end; the test split, if any, is evaluated once, after training."""
+    out = Path(spec.out_dir)
+    if (out / "result.json").exists() and not overwrite:
+        raise ConfigError(f"{out}: a finished run is already there (pass --overwrite to replace it)")
+    get_method(spec.method)  # fail on an unknown method before any loading
+    splits = spec.data.read()
+    backbone = spec.backbone.load()
+    transform = backbone.preprocessing.transform()
+    datasets = {k: ImageBatches(ImageDataset(v, transform), spec.train.num_workers) for k, v in splits.items()}
+    torch.manual_seed(spec.train.seed)
+    method = create_method(spec.method, backbone, len(splits["train"].classes), spec.method_config)
+    model = TunedModel(backbone, method)
+    device = spec.train.resolved_device()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    write_json(out / "config.json", {**spec.to_dict(), "method_config": method.config.to_dict(),
+                                     "backbone_identity": backbone.identity.to_dict(),
+                                     "preprocessing": backbone.preprocessing.to_dict(),
+                                     "classes": list(splits["train"].classes)})
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    history = fit(model, datasets["train"], spec.train, datasets.get("val"),
+                  on_epoch=lambda r: _append_jsonl(out / "metrics.jsonl", r))
+    train_seconds = time.perf_counter() - start
+    result: dict[str, Any] = {
+        "method": spec.method,
+        "trainable_parameters": model.num_trainable(),
+        "train_seconds": train_seconds,
+        "final_train_loss": history[-1]["train_loss"],
+        **peak_memory(device),
+    }
+    if "val" in datasets:
+        result["val_accuracy"] = evaluate(model, datasets["val"], spec.train, "val")["accuracy"]
+    if "test" in datasets:
+        result["test_accuracy"] = evaluate(model, datasets["test"], spec.train, "test")["accuracy"]
+    weights = str(Path(spec.backbone.weights).resolve()) if spec.backbone.weights else None
+    save_adapter(out / "checkpoint", model, splits["train"].classes, extra={"backbone_weights": weights})
+    result["provenance"] = provenance(device)
+    write_json(out / "result.json", result)
+    return result

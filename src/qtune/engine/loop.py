@@ -1,0 +1,186 @@
+"""The training and evaluation loops: one obvious loop, whatever the batches are (images, or cached taps)."""
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from ..tuned import TunedModel
+
+_OPTIMIZERS = {"adamw": "adamw", "sgd": "momentum"}  # timm's "sgd" is Nesterov; the papers use plain momentum
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=50, metadata={"help": "training epochs"})
+    batch_size: int = field(default=64, metadata={"help": "batch size"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw or sgd (momentum)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "weight decay (not applied to biases and norms)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    warmup_epochs: float = field(default=10, metadata={"help": "linear warmup from 0, in epochs"})
+    min_lr: float = field(default=1e-6, metadata={"help": "final learning rate of the half-cycle cosine"})
+    seed: int = field(default=0, metadata={"help": "seed for initialisation, batch order and dropout"})
+    eval_every: int = field(default=0, metadata={"help": "validation accuracy every N epochs (0: never)"})
+    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 autocast"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    num_workers: int = field(default=0, metadata={"help": "data-loading worker processes"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
+        if self.optimizer not in _OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.optimizer!r}: choose from {', '.join(_OPTIMIZERS)}")
+        if self.precision not in _PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r}: choose from {', '.join(_PRECISIONS)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ConfigError("lr must be > 0; weight_decay and warmup_epochs >= 0")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device {self.device!r} is not a torch device") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Batches(Protocol):
+    """A source of (inputs, labels, indices) batches in a given sample order, and how the model consumes them."""
+
+    def __len__(self) -> int: ...
+
+    def iterate(self, order: list[int], batch_size: int, device: torch.device) -> Iterator[tuple[Any, torch.Tensor]]:
+        ...
+
+    def forward(self, model: TunedModel, inputs: Any) -> torch.Tensor: ...
+
+
+class ImageBatches:
+    """Decoded images from a dataset; the model traces (or runs) the backbone on them."""
+
+    def __init__(self, dataset: Dataset, num_workers: int = 0):
+        self.dataset = dataset
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def labels(self) -> list[int]:
+        return self.dataset.listing.labels
+
+    def iterate(self, order: list[int], batch_size: int, device: torch.device) -> Iterator[tuple[Any, torch.Tensor]]:
+        chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        loader = DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.num_workers,
+                            pin_memory=device.type == "cuda")
+        for images, labels, _ in loader:
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+    def forward(self, model: TunedModel, inputs: torch.Tensor) -> torch.Tensor:
+        return model(inputs)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled sample order of one epoch: a function of (seed, epoch) only, so any batch source and a resumed
+    run see the same order."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = _PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory so far: CUDA's max allocated, or the process's peak RSS on CPU (an upper bound, labelled so)."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_kind": "cuda_max_allocated"}
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+            "peak_memory_kind": "cpu_peak_rss"}
+
+
+@torch.no_grad()
+def predict(model: TunedModel, batches: Batches, cfg: TrainConfig, desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels for every sample, in dataset order."""
+    device = cfg.resolved_device()
+    model.eval()
+    logits, labels = [], []
+    order = list(range(len(batches)))
+    total = math.ceil(len(order) / cfg.batch_size)
+    for inputs, y in tqdm(batches.iterate(order, cfg.batch_size, device), total=total, desc=desc,
+                          disable=not cfg.progress, leave=False):
+        with _autocast(device, cfg.precision):
+            logits.append(batches.forward(model, inputs).float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: TunedModel, batches: Batches, cfg: TrainConfig, desc: str = "eval") -> dict[str, float]:
+    logits, labels = predict(model, batches, cfg, desc)
+    return {"accuracy": (logits.argmax(1) == labels).float().mean().item(),
+            "loss": F.cross_entropy(logits, labels).item(), "n": len(labels)}
+
+
+def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Train ``model``'s trainable parameters; returns per-epoch records (also passed to ``on_epoch``)."""
+    device = cfg.resolved_device()
+    model.to(device)
+    if not model.trainable_parameters():
+        raise ConfigError("the model has no trainable parameters")
+    torch.manual_seed(cfg.seed)  # dropout and DropFeat
+    optimizer = create_optimizer_v2(model, opt=_OPTIMIZERS[cfg.optimizer], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    scheduler = CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=cfg.min_lr, warmup_t=warmup,
+                                  warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
+    history = []
+    step = 0
+    bar = tqdm(total=total, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    for epoch in range(cfg.epochs):
+        model.train()
+        start, loss_sum, seen = time.perf_counter(), 0.0, 0
+        for inputs, y in train.iterate(epoch_order(len(train), cfg.seed, epoch), cfg.batch_size, device):
+            with _autocast(device, cfg.precision):
+                loss = F.cross_entropy(train.forward(model, inputs).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            scheduler.step_update(step)
+            loss_sum += loss.item() * len(y)
+            seen += len(y)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
+                                  "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - start}
+        if val is not None and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            record["val_accuracy"] = evaluate(model, val, cfg, "val")["accuracy"]
+            bar.set_postfix(epoch=epoch + 1, loss=f"{record['train_loss']:.3f}", val=f"{record['val_accuracy']:.3f}")
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    bar.close()
+    return history

@@ -1,0 +1,50 @@
+"""Methods, registered by name. Each module holds one method: a config dataclass and its trainable module."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..backbones import Backbone
+from ..errors import ConfigError
+from .base import Method, MethodConfig
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its lowercase ``name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return _REGISTRY[name.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r} (choose from {', '.join(method_names())})") from None
+
+
+def create_method(name: str, backbone: Backbone, num_classes: int,
+                  config: MethodConfig | dict[str, Any] | list[str] | None = None) -> Method:
+    """Build method ``name`` for ``backbone``; ``config`` is a config object, a dict, or ``key=value`` strings."""
+    cls = get_method(name)
+    if config is None:
+        config = cls.config_class()
+    elif isinstance(config, dict):
+        config = cls.config_class.from_dict(config)
+    elif isinstance(config, list):
+        config = cls.config_class.from_strings(config)
+    elif not isinstance(config, cls.config_class):
+        raise ConfigError(f"method {name!r} expects a {cls.config_class.__name__}, got {type(config).__name__}")
+    return cls(config, backbone, num_classes)
+
+
+# Importing the method modules registers them.
+from . import full, linear, synqt, vqt  # noqa: E402,F401
+
+__all__ = ["Method", "MethodConfig", "create_method", "get_method", "method_names", "register"]

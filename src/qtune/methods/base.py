@@ -1,0 +1,105 @@
+"""The method contract: a config dataclass plus a module holding only the trainable part."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..backbones import Backbone, Taps
+from ..errors import ConfigError
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config. Fields carry ``metadata={"help": ...}``; ``__post_init__`` validates."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError on an out-of-range value."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MethodConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        return cls(**d)
+
+    @classmethod
+    def from_strings(cls, pairs: list[str]) -> "MethodConfig":
+        """Parse ``key=value`` strings, converting each value to its field's type."""
+        hints = typing.get_type_hints(cls)
+        out: dict[str, Any] = {}
+        for pair in pairs:
+            key, sep, raw = pair.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in hints:
+                raise ConfigError(f"{cls.__name__}: bad option {pair!r} (known: {', '.join(sorted(hints))})")
+            out[key] = _convert(raw.strip(), hints[key], key)
+        return cls(**out)
+
+
+def _convert(raw: str, hint: Any, key: str) -> Any:
+    try:
+        if hint is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if hint in (int, float, str):
+            return hint(raw)
+    except ValueError:
+        raise ConfigError(f"option {key}: {raw!r} is not a valid {hint.__name__}") from None
+    raise ConfigError(f"option {key}: cannot be set from the command line")
+
+
+def positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    """Shared range check for counts and widths."""
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'} (got {value})")
+
+
+def probability(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1) (got {value})")
+
+
+class Method(nn.Module):
+    """The trainable part of a tuned model.
+
+    Side-path methods (``reads_taps = True``) compute logits from Taps and the frozen block weights:
+    ``forward(taps, backbone)``; they never see images, so they train from live traces and caches alike.
+    Stream methods compute ``forward(images, backbone)`` after ``attach`` has made parts of the backbone trainable.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    reads_taps: ClassVar[bool] = True
+    summary: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig, backbone: Backbone, num_classes: int):
+        super().__init__()
+        if num_classes < 1:
+            raise ConfigError(f"num_classes must be >= 1 (got {num_classes})")
+        self.config = config
+        self.num_classes = num_classes
+
+    def blocks_read(self, backbone: Backbone) -> tuple[int, ...]:
+        """Backbone blocks whose K/V this side-path method reads (the trace and the cache keep only these)."""
+        return tuple(range(backbone.depth))
+
+    def attach(self, backbone: Backbone) -> None:
+        """Stream methods make their part of the backbone trainable here; side-path methods leave it frozen."""
+
+    def forward(self, inputs: Taps | torch.Tensor, backbone: Backbone) -> torch.Tensor:
+        raise NotImplementedError

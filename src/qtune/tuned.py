@@ -1,0 +1,40 @@
+"""A backbone plus a method: the model that trains, evaluates, saves and predicts."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbones import Backbone, Taps
+from .methods import Method
+
+
+class TunedModel(nn.Module):
+    """Dispatches images to the frozen trace + side path, or to the stream method; holds both parts."""
+
+    def __init__(self, backbone: Backbone, method: Method):
+        super().__init__()
+        self.backbone = backbone
+        self.method = method
+        method.attach(backbone)
+
+    @property
+    def reads_taps(self) -> bool:
+        return self.method.reads_taps
+
+    def blocks_read(self) -> tuple[int, ...]:
+        return self.method.blocks_read(self.backbone)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.method.reads_taps:
+            return self.method(self.backbone.trace(images, self.blocks_read()), self.backbone)
+        return self.method(images, self.backbone)
+
+    def forward_taps(self, taps: Taps) -> torch.Tensor:
+        """Logits from precomputed taps (a cache): the same side-path code as ``forward``."""
+        return self.method(taps, self.backbone)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters().values())
