@@ -152,6 +152,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), quick=args.quick, progress=not args.quiet)
 
 
+def cmd_data_check(args: argparse.Namespace) -> None:
+    from .data.check import check_dataset
+
+    print("\n".join(check_dataset(args.path).lines()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_args(p)
     p.add_argument("--num-classes", type=int, default=100)
     p.set_defaults(func=cmd_methods)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("check", help="verify a dataset (VTAB-1k task folder, FGVC annotations, folder or list)")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("demo", help="the offline example: train methods on generated data and print a table")
     p.add_argument("--out", default="runs/demo", help="output folder")

@@ -113,16 +113,18 @@ def read_list_file(path: Path, root: Path | None = None, num_classes: int | None
     if not path.is_file():
         raise DataError(f"{path}: list file not found")
     root = root or path.parent
-    samples = []
+    samples, offenders = [], []
     for rel, raw, line in _parse_list(path):
         try:
             label = int(raw)
         except ValueError:
             raise DataError(f"{path}:{line}: label {raw!r} is not an integer") from None
         if label < 0 or (num_classes is not None and label >= num_classes):
-            bound = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
-            raise DataError(f"{path}:{line}: label {label} out of range ({bound})")
+            offenders.append(f"{path}:{line}: label {label}")
         samples.append((rel, label))
+    if offenders:
+        bound = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
+        raise DataError(f"{len(offenders)} label(s) out of range ({bound}): {_first(offenders)}")
     if not samples:
         raise DataError(f"{path}: empty list, no samples")
     n = num_classes if num_classes is not None else max(y for _, y in samples) + 1
