@@ -55,6 +55,7 @@ def load_backbone(
         weights_path, cfg = _resolve_weights_dir(weights_path)
         name = name or cfg.get("architecture")
         pretrained_cfg = cfg.get("pretrained_cfg")
+        model_args = {**cfg.get("model_args", {}), **model_args}  # the folder's architecture, then the caller's
     if weights_path is not None and not weights_path.exists():
         raise WeightsError(f"{weights_path}: weights file not found")
     if not name:
