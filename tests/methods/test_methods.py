@@ -1,29 +1,61 @@
 """One matrix of methods driving generic checks (finite loss, gradients where and only where they belong,
-frozen weights untouched, batch independence in eval)."""
+only trainable tensors change, frozen weights untouched, batch independence in eval, save/load round trip).
+
+The matrix is every registered method with its defaults, plus option variants (placements, memory-constrained
+``trainable_blocks``, unregistered combinations) that take other code paths."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from qtune.methods import create_method, method_names
+from qtune.methods import create_method, get_method, method_names
 from qtune.tuned import TunedModel
 from tests.conftest import tiny_backbone
 
 METHODS = method_names()
+SIDE = [m for m in METHODS if get_method(m).reads_taps]
+VARIANTS = [
+    ("vpt_shallow", {"trainable_blocks": 2}),
+    ("vpt_deep", {"trainable_blocks": 1}),
+    ("gatevpt", {"trainable_blocks": 2, "pool": "mean", "gate_blocks": 3}),
+    ("bitfit", {"trainable_blocks": 1}),
+    ("lora", {"trainable_blocks": 2, "mlp": True, "dropout": 0.1}),
+    ("adapter", {"placement": "houlsby", "activation": "gelu"}),
+    ("adaptformer", {"trainable_blocks": 1}),
+    ("fact_tt", {"trainable_blocks": 2}),
+    ("full", {"trainable_blocks": 1}),
+    ("synqt", {"trainable_blocks": 1}),
+    ("synqt", {"trainable_blocks": 2}),
+    ("vpt_shallow+synqt", {"synqt.trainable_blocks": 2}),
+    ("adapter+vqt", {"placement": "houlsby", "trainable_blocks": 1}),
+    ("vpt_deep+synqt", {"vpt_deep.trainable_blocks": 1, "synqt.tokens": 2}),
+    ("full+vqt", {"trainable_blocks": 1}),
+]
+CASES = [pytest.param(m, {}, id=m) for m in METHODS] + [
+    pytest.param(m, o, id=m + "-" + ",".join(f"{k}={v}" for k, v in o.items())) for m, o in VARIANTS]
 
 
-def _model(name, num_classes=5, **kw):
+def _model(name, num_classes=5, options=None, **kw):
     torch.manual_seed(0)
     bb = tiny_backbone(**kw)
-    return TunedModel(bb, create_method(name, bb, num_classes))
+    return TunedModel(bb, create_method(name, bb, num_classes, options))
+
+
+def _step(model, steps=3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+        opt.step()
 
 
 def _frozen_hash(model):
     return {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_gradients_reach_every_trainable_parameter_and_nothing_else(name):
-    model = _model(name)
+@pytest.mark.parametrize("name,options", CASES)
+def test_gradients_reach_every_trainable_parameter_and_nothing_else(name, options):
+    model = _model(name, options=options)
     model.train()
     loss = F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
     assert torch.isfinite(loss)
@@ -37,7 +69,7 @@ def test_gradients_reach_every_trainable_parameter_and_nothing_else(name):
             assert p.grad is None, n
 
 
-@pytest.mark.parametrize("name", [m for m in METHODS if m != "full"])
+@pytest.mark.parametrize("name", SIDE)
 def test_side_path_leaves_backbone_bit_identical(name):
     model = _model(name)
     before = model.backbone.identity.weights_hash
@@ -54,9 +86,43 @@ def test_side_path_leaves_backbone_bit_identical(name):
     assert not any(p.requires_grad for p in model.backbone.parameters())
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_eval_logits_do_not_depend_on_the_rest_of_the_batch(name):
-    model = _model(name).eval()
+@pytest.mark.parametrize("name,options", CASES)
+def test_training_changes_trainable_tensors_only(name, options):
+    """Stream methods too: the frozen weights (wrapped timm layers included) stay bit-identical."""
+    model = _model(name, options=options)
+    trainable = model.trainable_parameters()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _step(model)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before if n not in trainable)
+    assert any(not torch.equal(before[n], after[n]) for n in trainable)
+
+
+@pytest.mark.parametrize("name,options", CASES)
+def test_save_load_round_trip(name, options, tmp_path):
+    """Only trainable tensors are written; a fresh backbone plus the checkpoint gives the same logits."""
+    from safetensors.torch import load_file
+
+    from qtune.engine.checkpoint import TENSORS, load_adapter, save_adapter
+
+    model = _model(name, options=options)
+    _step(model, steps=2)
+    save_adapter(tmp_path, model, classes=[str(i) for i in range(5)])
+    saved = load_file(str(tmp_path / TENSORS))
+    assert set(saved) == set(model.trainable_parameters())
+    assert sum(t.numel() for t in saved.values()) == model.num_trainable()
+    loaded, cfg = load_adapter(tmp_path, tiny_backbone())
+    assert cfg["method"] == name and loaded.method.config == model.method.config
+    x = torch.randn(3, 3, 32, 32)
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,options", CASES)
+def test_eval_logits_do_not_depend_on_the_rest_of_the_batch(name, options):
+    model = _model(name, options=options).eval()
     x = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
         together = model(x)

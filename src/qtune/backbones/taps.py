@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from .vit import Backbone, QueryOutput
 
 
 @dataclass
@@ -25,6 +28,14 @@ class Taps:
         """K and V of backbone block ``block`` (its index in the backbone, not in ``blocks``)."""
         j = self.blocks.index(block)
         return self.keys[j], self.values[j]
+
+    def query(self, backbone: "Backbone", block: int, tokens: torch.Tensor) -> "QueryOutput":
+        """Query ``tokens`` through frozen block ``block`` against these taps' K/V (``Backbone.query_block``).
+
+        Side-path methods go through here rather than calling ``query_block`` with ``kv(block)`` themselves, so a
+        Taps that reads K/V lazily (a depth-streamed cache) can put the read and the block under one checkpoint.
+        """
+        return backbone.query_block(block, tokens, *self.kv(block))
 
     @property
     def batch_size(self) -> int:

@@ -119,13 +119,20 @@ class Backbone(nn.Module):
         m = self.model
         return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
 
-    def stream_block(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """X_i from X_{i-1} through block i, also returning its K_i, V_i (B, H, N, hd)."""
+    def stream_block(self, i: int, x: torch.Tensor, temperature: torch.Tensor | float | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """X_i from X_{i-1} through block i, also returning its K_i, V_i (B, H, N, hd).
+
+        ``temperature`` (GateVPT) divides the block's attention logits; it is applied to q, so it may be a
+        learnable tensor (the fused attention kernel takes only a float scale).
+        """
         blk = self.model.blocks[i]
         attn = blk.attn
         h = blk.norm1(x)
         q, k, v = _heads(attn.qkv(h), 3 * attn.num_heads).chunk(3, dim=1)
         q, k = attn.q_norm(q), attn.k_norm(k)
+        if temperature is not None:
+            q = q / temperature
         a = _attn_out(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale), h)
         x = x + blk.ls1(a)
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))

@@ -23,10 +23,27 @@ def method_names() -> list[str]:
 
 
 def get_method(name: str) -> type[Method]:
-    try:
-        return _REGISTRY[name.lower()]
-    except KeyError:
-        raise ConfigError(f"unknown method {name!r} (choose from {', '.join(method_names())})") from None
+    """The method class registered as ``name``; ``<stream>+<side>`` builds a combination on request."""
+    key = name.lower()
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    if "+" in key:
+        return _combination(key)
+    raise ConfigError(f"unknown method {name!r} (choose from {', '.join(method_names())})")
+
+
+_COMBINATIONS: dict[str, type[Method]] = {}
+
+
+def _combination(key: str) -> type[Method]:
+    from .combined import combination
+
+    parts = key.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"method {key!r}: a combination is <stream method>+<side-path method>, e.g. vpt_deep+synqt")
+    if key not in _COMBINATIONS:
+        _COMBINATIONS[key] = combination(get_method(parts[0]), get_method(parts[1]))
+    return _COMBINATIONS[key]
 
 
 def create_method(name: str, backbone: Backbone, num_classes: int,
@@ -44,7 +61,11 @@ def create_method(name: str, backbone: Backbone, num_classes: int,
     return cls(config, backbone, num_classes)
 
 
-# Importing the method modules registers them.
-from . import full, linear, synqt, vqt  # noqa: E402,F401
+# Importing the method modules registers them; the combinations come last, from the registered parts.
+from . import adapter, adaptformer, bitfit, fact, full, gatevpt, linear, lora, synqt, vpt, vqt  # noqa: E402,F401
+from .combined import REGISTERED  # noqa: E402
+
+for _stream, _side in REGISTERED:
+    register(_combination(f"{_stream}+{_side}"))
 
 __all__ = ["Method", "MethodConfig", "create_method", "get_method", "method_names", "register"]

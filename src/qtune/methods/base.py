@@ -49,6 +49,11 @@ class MethodConfig:
 
 
 def _convert(raw: str, hint: Any, key: str) -> Any:
+    args = typing.get_args(hint)
+    if len(args) == 2 and type(None) in args:  # an optional option, e.g. ``int | None``: "none" unsets it
+        if raw.lower() in ("none", "null"):
+            return None
+        hint = next(a for a in args if a is not type(None))
     try:
         if hint is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -72,6 +77,25 @@ def positive(name: str, value: float, *, allow_zero: bool = False) -> None:
 def probability(name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ConfigError(f"{name} must be in [0, 1) (got {value})")
+
+
+def block_count(name: str, value: int | None) -> None:
+    """Range check for an optional number of blocks, before the backbone's depth is known."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{name} must be a whole number of blocks >= 1 (got {value!r})")
+
+
+def first_trainable_block(trainable_blocks: int | None, depth: int) -> int:
+    """The lowest block holding trainable structures when only the top ``trainable_blocks`` blocks train.
+
+    The memory-constrained variants of the SynQT paper (Table 3): the blocks below run without autograd.
+    """
+    if trainable_blocks is None:
+        return 0
+    if not 1 <= trainable_blocks <= depth:
+        raise ConfigError(f"trainable_blocks must be in 1..{depth} for this {depth}-block backbone "
+                          f"(got {trainable_blocks})")
+    return depth - trainable_blocks
 
 
 class Method(nn.Module):

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..backbones import Backbone, Taps
 from . import register
-from .base import Method, MethodConfig, positive, probability
+from .base import Method, MethodConfig, block_count, first_trainable_block, positive, probability
 from .layers import Adapter, timm_head
 
 
@@ -31,8 +31,11 @@ class SynQTConfig(MethodConfig):
     feat_scale: float = field(default=1.0, metadata={"help": "initial scale f of the previous block's knowledge"})
     dropout: float = field(default=0.1, metadata={"help": "dropout in adapters, QSM attention and on queries"})
     drop_feat: float = field(default=0.3, metadata={"help": "per-sample drop rate of whole features (DropFeat)"})
+    trainable_blocks: int | None = field(default=None, metadata={
+        "help": "queries only in the top K blocks, which alone are traced and cached (default: all)"})
 
     def validate(self) -> None:
+        block_count("trainable_blocks", self.trainable_blocks)
         positive("tokens", self.tokens)
         positive("bottleneck", self.bottleneck)
         positive("qsm_bottleneck", self.qsm_bottleneck)
@@ -112,23 +115,28 @@ class SynQT(Method):
 
     def __init__(self, config: SynQTConfig, backbone: Backbone, num_classes: int):
         super().__init__(config, backbone, num_classes)
-        depth, dim = backbone.depth, backbone.dim
+        # Memory-constrained variant: the queries (and the K/V read) start at block L - K; T_{L-K} has no previous.
+        self.blocks = tuple(range(first_trainable_block(config.trainable_blocks, backbone.depth), backbone.depth))
+        depth, dim = len(self.blocks), backbone.dim
         self.prompts = nn.Parameter(torch.empty(depth, config.tokens, dim).uniform_(-1.0, 1.0))
         self.in_proj = nn.ModuleList(Adapter(dim, config.bottleneck, config.dropout) for _ in range(depth))
         self.qsm = nn.ModuleList(QSMBlock(dim, config) for _ in range(depth))
         self.query_drop = nn.Dropout(config.dropout)
-        self.feat_scale = nn.Parameter(torch.tensor(float(config.feat_scale)))
+        self.feat_scale = nn.Parameter(torch.tensor(float(config.feat_scale))) if depth > 1 else None
         self.head = ConditionalHead(3 * depth + 1, backbone, config, num_classes)
+
+    def blocks_read(self, backbone: Backbone) -> tuple[int, ...]:
+        return self.blocks
 
     def forward(self, taps: Taps, backbone: Backbone) -> torch.Tensor:
         b = taps.batch_size
         outs, attns, mlps = [], [], []
-        for i in range(backbone.depth):
-            p = self.prompts[i].expand(b, -1, -1)  # (B, n, D)
+        for j, i in enumerate(self.blocks):
+            p = self.prompts[j].expand(b, -1, -1)  # (B, n, D)
             if outs:
                 p = p + self.feat_scale * outs[-1].unsqueeze(1)  # previous block's knowledge, broadcast over n
-            t = self.query_drop(self.qsm[i](self.in_proj[i](p)))
-            a, m, h = backbone.query_block(i, t, *taps.kv(i))
+            t = self.query_drop(self.qsm[j](self.in_proj[j](p)))
+            a, m, h = taps.query(backbone, i, t)
             attns.append(a.mean(dim=1))  # token means: D-vectors from here on
             mlps.append(m.mean(dim=1))
             outs.append(h.mean(dim=1))

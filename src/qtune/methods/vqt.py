@@ -46,9 +46,8 @@ class VQT(Method):
         b = taps.batch_size
         feats = [taps.pooled]
         for i in range(backbone.depth):
-            k, v = taps.kv(i)
             q = self.drop(self.queries[i].expand(b, -1, -1))  # (B, n, D)
-            feats.append(backbone.query_block(i, q, k, v).out.flatten(1))
+            feats.append(taps.query(backbone, i, q).out.flatten(1))
         if self.config.normalize:
             feats = [F.normalize(f, dim=-1) for f in feats]
         return self.head(torch.cat(feats, dim=-1))
