@@ -8,7 +8,10 @@ that optimiser state exists, and gradients are set to None before it, as in trai
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,9 +49,23 @@ class StepMemory:
         return asdict(self)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """The profiler's native backend prints start/stop lines straight to fd 2; keep them off the user's terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _profiled_peak(fn: Callable[[], None]) -> int:
     """Peak of bytes allocated (net of frees) while ``fn`` runs, from the profiler's CPU memory events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     with tempfile.TemporaryDirectory() as d:
         trace = Path(d) / "trace.json"

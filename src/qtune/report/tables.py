@@ -1,0 +1,91 @@
+"""Benchmark tables the way the papers report them: top-1 per task, group means, and the mean of the group means."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import mean
+from typing import Sequence
+
+from ..io import atomic_write, write_json, write_text
+
+
+@dataclass
+class ResultRow:
+    method: str
+    task: str
+    group: str
+    accuracy: float
+    trainable_parameters: int
+    memory_bytes: int
+    memory_kind: str
+    train_seconds: float
+    hparams: dict
+
+
+def benchmark_table(rows: Sequence[ResultRow], groups: Sequence[str]) -> list[dict]:
+    """One summary per method: per-task accuracy, per-group means, their mean, parameters, memory, time."""
+    out = []
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = [r for r in rows if r.method == method]
+        group_means = {g: mean(r.accuracy for r in mine if r.group == g) for g in groups if any(r.group == g for r in mine)}
+        out.append({
+            "method": method,
+            **{r.task: r.accuracy for r in mine},
+            **{f"mean_{g}": v for g, v in group_means.items()},
+            "mean_of_groups": mean(group_means.values()),
+            "trainable_parameters": max(r.trainable_parameters for r in mine),
+            "memory_bytes": max(r.memory_bytes for r in mine),
+            "train_seconds": sum(r.train_seconds for r in mine),
+        })
+    return out
+
+
+def format_table(summary: list[dict], tasks: Sequence[str], groups: Sequence[str]) -> str:
+    """A fixed-width text table, accuracies in percent."""
+    cols = [*tasks, *(f"mean_{g}" for g in groups), "mean_of_groups"]
+    heads = [*tasks, *(g[:6] + ".avg" for g in groups), "mean"]
+    widths = [max(7, len(h)) for h in heads]
+    lines = ["method   " + " ".join(h.rjust(w) for h, w in zip(heads, widths)) + "   params   memory  seconds"]
+    for s in summary:
+        accs = " ".join(f"{100 * s[c]:.1f}".rjust(w) if c in s else "-".rjust(w) for c, w in zip(cols, widths))
+        lines.append(f"{s['method']:<8} {accs} {s['trainable_parameters']:>8,} {s['memory_bytes'] / 2**20:>6.1f}M "
+                     f"{s['train_seconds']:>8.1f}")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, rows: Sequence[ResultRow], summary: list[dict], text: str) -> None:
+    """results.json (every run), summary.csv / summary.json (per method), table.txt (as printed)."""
+    write_json(out / "results.json", [asdict(r) for r in rows])
+    write_json(out / "summary.json", summary)
+    keys = list(dict.fromkeys(k for s in summary for k in s))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(summary)
+    write_text(out / "summary.csv", buf.getvalue())
+    write_text(out / "table.txt", text + "\n")
+
+
+def plot_accuracy_vs_memory(out: Path, summary: list[dict], memory_label: str) -> Path:
+    """PNG scatter of mean accuracy against training memory, one labelled point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=150)
+    for s in summary:
+        x, y = s["memory_bytes"] / 2**20, 100 * s["mean_of_groups"]
+        ax.scatter([x], [y], s=40)
+        ax.annotate(s["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(f"training memory per step (MiB, {memory_label})")
+    ax.set_ylabel("mean of group means, top-1 (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "accuracy_vs_memory.png"
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return path

@@ -1,0 +1,38 @@
+"""The main job end to end, cut down to one task, two methods and one epoch per run."""
+import json
+
+from qtune.demo import demo_weights, run_demo
+from qtune.experiments import select_then_test
+
+
+def test_demo_writes_table_results_and_plot(tmp_path, capsys):
+    summary = run_demo(tmp_path, methods=["linear", "vqt"], tasks=["dsprites_loc"], quick=True, progress=False,
+                       epochs=1)
+    assert [s["method"] for s in summary] == ["linear", "vqt"]
+    for s in summary:
+        assert 0.0 <= s["dsprites_loc"] <= 1.0 and s["mean_of_groups"] == s["mean_structured"]
+        assert s["trainable_parameters"] > 0 and s["memory_bytes"] > 0
+    for name in ("table.txt", "summary.csv", "summary.json", "results.json", "accuracy_vs_memory.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert all("val_accuracy" in r["hparams"] for r in rows)  # the choice was made on validation
+    assert "dsprites_loc" in capsys.readouterr().out
+
+
+def test_shipped_backbone_has_its_card():
+    card = json.loads((demo_weights() / "config.json").read_text())
+    assert card["architecture"] and card["model_args"]["depth"] == 12
+    assert (demo_weights() / "model.safetensors").stat().st_size < 20 * 2**20
+
+
+def test_selection_never_reads_test_until_the_end():
+    calls = []
+
+    def run(hp, train, evaluate_on):
+        calls.append((hp["lr"], train, evaluate_on))
+        return {"accuracy": {1: 0.5, 2: 0.7, 3: 0.7}[hp["lr"]] if evaluate_on == "val200" else 0.1}
+
+    sel = select_then_test(run, [{"lr": 1}, {"lr": 2}, {"lr": 3}])
+    assert sel.best == {"lr": 2}  # ties go to the earlier candidate
+    assert [c[2] for c in calls] == ["val200"] * 3 + ["test"]
+    assert calls[-1] == (2, "train800val200", "test")
