@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import csv
 import sys
 from dataclasses import fields
@@ -66,7 +67,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     train_cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     spec = JobSpec(_backbone_spec(args), DataSpec(args.train, args.val, args.test, args.num_classes, args.data_root),
-                   args.method, _kv_pairs(args.method_opt, "--method-opt"), train_cfg, args.out)
+                   args.method, _kv_pairs(args.method_opt, "--method-opt"), train_cfg, args.out,
+                   cache=args.cache, stream_blocks=args.stream_blocks)
     result = train_job(spec, overwrite=args.overwrite)
     acc = " ".join(f"{k}={result[k]:.4f}" for k in ("val_accuracy", "test_accuracy") if k in result)
     print(f"{args.method}: {result['trainable_parameters']:,} trainable parameters, "
@@ -135,27 +137,108 @@ def cmd_methods(args: argparse.Namespace) -> None:
 
     backbone = _backbone_spec(args).load()
     print(f"{backbone.identity.name}: depth {backbone.depth}, width {backbone.dim}, {args.num_classes} classes")
-    print(f"{'method':<10} {'kind':<7} {'trainable':>12}  summary")
+    width = max(10, *(len(name) for name in method_names()))
+    print(f"{'method':<{width}} {'kind':<7} {'trainable':>12}  summary")
     for name in method_names():
         cls = get_method(name)
+        bb = backbone if cls.reads_taps else copy.deepcopy(backbone)  # stream methods change their backbone
         with torch.random.fork_rng(devices=[]):
-            model = TunedModel(backbone, create_method(name, backbone, args.num_classes))
+            model = TunedModel(bb, create_method(name, bb, args.num_classes))
         n = model.num_trainable()
-        backbone.requires_grad_(False)  # stream methods unfreeze the shared backbone
         kind = "side" if cls.reads_taps else "stream"
-        print(f"{name:<10} {kind:<7} {n:>12,}  {cls.summary}")
+        print(f"{name:<{width}} {kind:<7} {n:>12,}  {cls.summary}")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return ""
+
+
+def _blocks_text(blocks: Sequence[int], depth: int) -> str:
+    if not blocks:
+        return f"no blocks (pooled feature only) of {depth}"
+    if list(blocks) == list(range(blocks[0], blocks[-1] + 1)):
+        return f"blocks {blocks[0]}-{blocks[-1]} ({len(blocks)} of {depth})"
+    return f"blocks {','.join(map(str, blocks))} ({len(blocks)} of {depth})"
+
+
+def cmd_cache_build(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from .cache import DatasetRows, build_cache, parse_blocks, plan_cache, read_listings
+    from .engine.loop import TrainConfig
+    from .methods import create_method
+
+    spec = _backbone_spec(args)
+    if spec.weights:
+        spec.weights = str(Path(spec.weights).resolve())
+    listings = read_listings(args.data, Path(args.data_root) if args.data_root else None)
+    backbone = spec.load()
+    blocks = parse_blocks(args.blocks, backbone.depth)
+    if args.method:
+        if args.blocks is not None:
+            raise ConfigError("--blocks and --method both choose the blocks kept: give one")
+        method = create_method(args.method, backbone, 2, _kv_pairs(args.method_opt, "--method-opt"))
+        if not method.reads_taps:
+            raise ConfigError(f"method {args.method!r} trains the stream; it cannot train from a cache")
+        blocks = method.blocks_read(backbone)
+    device = TrainConfig(device=args.device).resolved_device()
+    plan = plan_cache(backbone, DatasetRows.from_listings(listings), args.dtype, blocks, args.batch_size,
+                      args.chunk_rows)
+    n, per = plan["rows"]["count"], plan["bytes_per_sample"]
+    print(f"cache {args.out}: {n} images, {_blocks_text(blocks, backbone.depth)}, {args.dtype}: "
+          f"{_size(per)} per image, {_size(n * per)} on disk")
+    try:
+        report = build_cache(args.out, backbone, listings, dtype=args.dtype, blocks=blocks,
+                             batch_size=args.batch_size, chunk_rows=args.chunk_rows, content_hash=args.content_hash,
+                             device=device, num_workers=args.num_workers, progress=not args.quiet,
+                             overwrite=args.overwrite, backbone_source=asdict(spec))
+    except KeyboardInterrupt:
+        print(f"cache {args.out}: build interrupted; finished chunks are kept, run the same command to resume")
+        raise
+    m = report.manifest
+    if report.reused:
+        print(f"cache {args.out}: already built with the same key, nothing to do")
+    else:
+        resumed = f", resumed at chunk {report.resumed_at_chunk}" if report.resumed_at_chunk else ""
+        print(f"cache {args.out}: done in {m['build_seconds']:.1f} s{resumed}; {_size(m['bytes'])} on disk")
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> None:
+    from .cache import verify_cache
+
+    r = verify_cache(args.cache, checksums=not args.quick, weights=not args.skip_weights, weights_file=args.weights,
+                     progress=not args.quiet)
+    checked = [k for k, v in (("checksums", r["checksums_checked"]), ("dataset", r["dataset_checked"]),
+                              ("weights", r["weights_checked"])) if v]
+    print(f"{args.cache}: ok, {r['rows']} images, {r['backbone']}, {_blocks_text(r['blocks'], r['depth'])}, "
+          f"{r['dtype']}, {_size(r['bytes_per_sample'])} per image, {_size(r['bytes'])} on disk; "
+          f"checked: {', '.join(checked)}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, progress=not args.quiet)
+    run_demo(Path(args.out), methods=args.methods.split(","), tasks=args.tasks.split(",") if args.tasks else None,
+             weights=args.weights, quick=args.quick, progress=not args.quiet, epochs=args.epochs,
+             threads=args.threads)
 
 
 def cmd_data_check(args: argparse.Namespace) -> None:
     from .data.check import check_dataset
 
     print("\n".join(check_dataset(args.path).lines()))
+
+
+def cmd_data_make_offline(args: argparse.Namespace) -> None:
+    from .data.offline import make_offline_benchmark
+
+    dirs = make_offline_benchmark(Path(args.dir), seed=args.seed, tasks=args.tasks.split(",") if args.tasks else None,
+                                  image_size=args.image_size, test_size=args.test_size, progress=True)
+    print(f"{len(dirs)} tasks in VTAB-1k layout under {args.dir}: {', '.join(d.name for d in dirs)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,8 +256,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="number of classes (default: from the data)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--cache", metavar="DIR", help="read K/V from this TapCache where it matches (else trace live)")
+    p.add_argument("--stream-blocks", action="store_true",
+                   help="with --cache: read one block's K/V at a time, checkpointed (memory flat in depth)")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    cache = sub.add_parser("cache", help="build or verify a TapCache of per-block K/V").add_subparsers(
+        dest="cache_command", required=True)
+    p = cache.add_parser("build", help="trace every image once and store per-block K/V (resumable)")
+    _add_backbone_args(p)
+    p.add_argument("--data", action="append", required=True, metavar="PATH",
+                   help="list file or image folder; repeat for every split the cache should cover")
+    p.add_argument("--data-root", help="root for list-file paths (default: each list file's folder)")
+    p.add_argument("--out", required=True, help="cache folder to write")
+    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="storage dtype (default fp16)")
+    p.add_argument("--blocks", help="blocks to keep: all (default), none, or indices like 0,5,11")
+    p.add_argument("--method", help="keep only the blocks this method reads (e.g. linear keeps none)")
+    p.add_argument("-O", "--method-opt", action="append", default=[], metavar="KEY=VALUE", help="method option")
+    p.add_argument("--batch-size", type=int, default=64, help="images per traced batch (default 64)")
+    p.add_argument("--chunk-rows", type=int, default=256,
+                   help="images per checksummed, resumable chunk (rounded up to whole batches; default 256)")
+    p.add_argument("--content-hash", action="store_true",
+                   help="key images by content hash, not file size + mtime (survives copies; slower to check)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes")
+    p.add_argument("--overwrite", action="store_true", help="replace a different cache in --out")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_cache_build)
+
+    p = cache.add_parser("verify", help="check a cache: complete, checksums, dataset and weights unchanged")
+    p.add_argument("cache", help="cache folder")
+    p.add_argument("--quick", action="store_true", help="skip the per-chunk checksums (sizes are still checked)")
+    p.add_argument("--weights", help="backbone weights to check against (default: the file the build used)")
+    p.add_argument("--skip-weights", action="store_true", help="do not reload the backbone to check its hash")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_cache_verify)
 
     for name, func, helptext in (("eval", cmd_eval, "accuracy of a checkpoint on a labelled split"),
                                  ("predict", cmd_predict, "predictions of a checkpoint for a folder of images")):
@@ -201,10 +318,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("check", help="verify a dataset (VTAB-1k task folder, FGVC annotations, folder or list)")
     p.add_argument("path")
     p.set_defaults(func=cmd_data_check)
+    p = data.add_parser("make-offline", help="write the offline VTAB-style benchmark (deterministic from --seed)")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", help="comma-separated task names (default: all)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--test-size", type=int, default=500)
+    p.set_defaults(func=cmd_data_make_offline)
 
-    p = sub.add_parser("demo", help="the offline example: train methods on generated data and print a table")
-    p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    p = sub.add_parser("demo", help="the offline benchmark with the shipped demo backbone: select on val200, test once")
+    p.add_argument("--out", default="runs/demo", help="output folder (data, caches, tables, plot)")
+    p.add_argument("--methods", default="linear,vqt,synqt", help="comma-separated method names")
+    p.add_argument("--tasks", help="comma-separated offline tasks (default: all)")
+    p.add_argument("--weights", help="another backbone folder/file instead of the shipped demo backbone")
+    p.add_argument("--epochs", type=int, help="epochs per run (default 15, quick 5)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the demo model is overhead-bound)")
+    p.add_argument("--quick", action="store_true", help="fewer epochs and test images")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -19,3 +19,19 @@ class CheckpointError(QtuneError):
 
 class ConfigError(QtuneError):
     """An unknown method, option or out-of-range value."""
+
+
+class CacheError(QtuneError):
+    """A TapCache folder that is not a cache, or cannot be built or read as asked."""
+
+
+class CacheIncompleteError(CacheError):
+    """A cache whose build has not finished (interrupted, or still running): never read as complete."""
+
+
+class CacheCorruptError(CacheError):
+    """A cache file that is truncated or fails its per-chunk checksum."""
+
+
+class CacheStaleError(CacheError):
+    """A cache made from other data or other backbone weights than those it is checked against."""

@@ -63,6 +63,8 @@ class JobSpec:
     method_config: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     out_dir: str = "runs/run"
+    cache: str | None = None  # a TapCache folder: splits it matches are read from it instead of traced live
+    stream_blocks: bool = False  # with a cache: read one block's K/V at a time, checkpointed (flat memory in depth)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +81,8 @@ def train_job(spec: JobSpec, overwrite: bool = False) -> dict[str, Any]:
     if (out / "result.json").exists() and not overwrite:
         raise ConfigError(f"{out}: a finished run is already there (pass --overwrite to replace it)")
     get_method(spec.method)  # fail on an unknown method before any loading
+    if spec.stream_blocks and not spec.cache:
+        raise ConfigError("--stream-blocks reads K/V from a cache: pass --cache DIR too")
     splits = spec.data.read()
     backbone = spec.backbone.load()
     transform = backbone.preprocessing.transform()
@@ -86,6 +90,15 @@ def train_job(spec: JobSpec, overwrite: bool = False) -> dict[str, Any]:
     torch.manual_seed(spec.train.seed)
     method = create_method(spec.method, backbone, len(splits["train"].classes), spec.method_config)
     model = TunedModel(backbone, method)
+    cache_used: dict[str, bool] = {}
+    if spec.cache:
+        from ..cache import cached_splits
+
+        served, notes = cached_splits(spec.cache, model, splits, stream=spec.stream_blocks)
+        for note in notes:
+            print(note)
+        datasets.update(served)
+        cache_used = {k: k in served for k in splits}
     device = spec.train.resolved_device()
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -106,6 +119,8 @@ def train_job(spec: JobSpec, overwrite: bool = False) -> dict[str, Any]:
         "final_train_loss": history[-1]["train_loss"],
         **peak_memory(device),
     }
+    if spec.cache:
+        result["cache_used"] = cache_used
     if "val" in datasets:
         result["val_accuracy"] = evaluate(model, datasets["val"], spec.train, "val")["accuracy"]
     if "test" in datasets:

@@ -87,8 +87,10 @@ class ImageBatches:
 
     def iterate(self, order: list[int], batch_size: int, device: torch.device) -> Iterator[tuple[Any, torch.Tensor]]:
         chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        # A private generator: iterating a DataLoader otherwise draws from the global RNG that dropout uses, and
+        # training would then depend on the batch source (live images vs a cache). No augmentation: nothing random.
         loader = DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.num_workers,
-                            pin_memory=device.type == "cuda")
+                            pin_memory=device.type == "cuda", generator=torch.Generator())
         for images, labels, _ in loader:
             yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
@@ -174,6 +176,7 @@ def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None
             seen += len(y)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            del inputs  # let this batch (e.g. cached K/V) go before the next one is read
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
                                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - start}
         if val is not None and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):

@@ -1,0 +1,344 @@
+"""What a TapCache is keyed by, and the files it is made of.
+
+A cache folder holds, for the union of the images of one or more listings under a common root:
+  block_XXX.npy   (rows, 2, H, N, head_dim): K and V of backbone block XXX, one row per image, so gathering a batch
+                  is one fancy-index per block;
+  pooled.npy      (rows, D): the backbone's pooled final feature;
+  rows.json       the row table: image ids (paths relative to the root), labels, file sizes and mtimes (or hashes);
+  manifest.json   written last, by an atomic rename: its presence is what makes the folder a complete cache.
+While a build runs (or after it was interrupted) the folder holds build.json (the plan) and progress.jsonl (one
+line of per-file chunk checksums per finished chunk) instead of manifest.json.
+
+A cache is used for a training run only when its key matches: backbone identity (name, weights hash, constructor
+arguments), preprocessing, the blocks kept, and, per sample, the path, label and file size/mtime (or content hash).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..data import Listing, read_split
+from ..errors import CacheError, CacheIncompleteError, DataError
+
+FORMAT = "qtune-tapcache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PLAN = "build.json"
+PROGRESS = "progress.jsonl"
+ROWS = "rows.json"
+POOLED = "pooled.npy"
+MANIFEST_FIELDS = ("backbone", "preprocessing", "shape", "dtype", "blocks", "rows", "chunking", "files", "digests",
+                   "file_bytes", "rows_digest", "bytes", "bytes_per_sample")
+
+# Storage dtype name -> (numpy dtype on disk, torch dtype it stands for). numpy has no bfloat16: its bits go to disk
+# as uint16 and are viewed back as torch.bfloat16 when read.
+DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
+    "fp32": (np.dtype(np.float32), torch.float32),
+    "fp16": (np.dtype(np.float16), torch.float16),
+    "bf16": (np.dtype(np.uint16), torch.bfloat16),
+}
+
+
+def block_file(block: int) -> str:
+    return f"block_{block:03d}.npy"
+
+
+def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """A float tensor as the numpy array written to disk for storage dtype ``dtype``."""
+    t = t.detach().to(device="cpu", dtype=DTYPES[dtype][1]).contiguous()
+    return t.view(torch.int16).numpy().view(np.uint16) if dtype == "bf16" else t.numpy()
+
+
+def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """The tensor a stored array stands for (shares the array's memory)."""
+    if dtype == "bf16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def digest(data: Any) -> str:
+    """blake2b (128 bits) of a bytes-like object: the per-chunk checksum."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def file_digest(path: Path, block_bytes: int = 1 << 22) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while chunk := f.read(block_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def normalised(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists), so keys compare equal across a round trip."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+@dataclass(frozen=True)
+class DatasetRows:
+    """The images a cache covers, one per row, and what identifies each file's content.
+
+    ids are paths relative to ``root`` (the common folder of the listings' roots), so the splits of one dataset
+    (e.g. VTAB's train800val200 and test) share one cache and each maps its samples to rows by path.
+    """
+
+    root: str
+    ids: tuple[str, ...]
+    labels: tuple[int, ...]
+    sizes: tuple[int, ...]
+    mtimes_ns: tuple[int, ...]
+    hashes: tuple[str, ...] | None
+    sources: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def from_listings(cls, listings: Sequence[Listing], content_hash: bool = False) -> "DatasetRows":
+        if not listings:
+            raise CacheError("a cache needs at least one dataset listing")
+        roots = [Path(lst.root).resolve() for lst in listings]
+        root = Path(os.path.commonpath([str(r) for r in roots]))
+        ids: list[str] = []
+        labels: list[int] = []
+        seen: dict[str, int] = {}
+        for lst, lroot in zip(listings, roots):
+            for rel, label in lst.samples:
+                rid = sample_id(lroot, rel, root)
+                if rid in seen:
+                    if labels[seen[rid]] != label:
+                        raise CacheError(f"{lst.source}: {rel} has label {label} here and {labels[seen[rid]]} in "
+                                         "an earlier listing")
+                    continue
+                seen[rid] = len(ids)
+                ids.append(rid)
+                labels.append(label)
+        sizes, mtimes, hashes = [], [], []
+        for rid in ids:
+            st = _stat(root / rid)
+            sizes.append(st.st_size)
+            mtimes.append(st.st_mtime_ns)
+            if content_hash:
+                hashes.append(file_digest(root / rid))
+        sources = tuple({"path": str(Path(lst.source).resolve()), "root": str(r), "folder": Path(lst.source).is_dir()}
+                        for lst, r in zip(listings, roots))
+        return cls(str(root), tuple(ids), tuple(labels), tuple(sizes), tuple(mtimes),
+                   tuple(hashes) if content_hash else None, sources)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def fingerprint(self) -> str:
+        """Content identity of the rows (ids, labels, file sizes and mtimes or hashes); the root is not part of it."""
+        ident = self.hashes if self.hashes is not None else self.mtimes_ns
+        return digest(json.dumps([self.ids, self.labels, self.sizes, ident]).encode())
+
+    def index(self) -> dict[str, int]:
+        return {rid: i for i, rid in enumerate(self.ids)}
+
+    def listing(self) -> Listing:
+        """All rows as one listing under the common root (what the build traces)."""
+        n = max(self.labels) + 1
+        return Listing(Path(self.root), tuple(zip(self.ids, self.labels)), tuple(str(i) for i in range(n)),
+                       Path(self.root))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"root": self.root, "ids": list(self.ids), "labels": list(self.labels), "sizes": list(self.sizes),
+                "mtimes_ns": list(self.mtimes_ns), "hashes": list(self.hashes) if self.hashes is not None else None,
+                "sources": list(self.sources)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DatasetRows":
+        hashes = d.get("hashes")
+        return cls(d["root"], tuple(d["ids"]), tuple(d["labels"]), tuple(d["sizes"]), tuple(d["mtimes_ns"]),
+                   tuple(hashes) if hashes is not None else None, tuple(d["sources"]))
+
+
+def sample_id(listing_root: Path, rel: str, cache_root: Path) -> str:
+    """The row id of a listed file: its path relative to the cache root (posix, normalised)."""
+    full = os.path.normpath(os.path.join(str(listing_root), rel))
+    rid = os.path.relpath(full, str(cache_root))
+    return Path(rid).as_posix()
+
+
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+
+
+def file_changed(rows: DatasetRows, row: int, path: Path) -> str | None:
+    """Why the file at ``path`` is no longer the one cached in ``row`` (None if it is)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return f"{rows.ids[row]}: file missing"
+    if st.st_size != rows.sizes[row]:
+        return f"{rows.ids[row]}: file size changed ({rows.sizes[row]} -> {st.st_size} bytes)"
+    if rows.hashes is not None:
+        if st.st_mtime_ns != rows.mtimes_ns[row] and file_digest(path) != rows.hashes[row]:
+            return f"{rows.ids[row]}: file content changed"
+    elif st.st_mtime_ns != rows.mtimes_ns[row]:
+        return f"{rows.ids[row]}: file modified since the cache was built"
+    return None
+
+
+def rows_difference(cached: DatasetRows, now: DatasetRows) -> str | None:
+    """The first difference between the cached rows and the dataset as it is now, in words (None if equal)."""
+    if Path(cached.root) != Path(now.root):
+        return f"dataset root is {now.root}, the cache was built from {cached.root}"
+    old, new = cached.index(), now.index()
+    added = [rid for rid in now.ids if rid not in old]
+    if added:
+        return f"{added[0]}: listed now but not in the cache ({len(added)} new image(s))"
+    gone = [rid for rid in cached.ids if rid not in new]
+    if gone:
+        return f"{gone[0]}: in the cache but no longer listed ({len(gone)} image(s) removed)"
+    for rid, j in new.items():
+        i = old[rid]
+        if cached.labels[i] != now.labels[j]:
+            return f"{rid}: label {cached.labels[i]} in the cache, {now.labels[j]} now"
+        if cached.sizes[i] != now.sizes[j]:
+            return f"{rid}: file size changed ({cached.sizes[i]} -> {now.sizes[j]} bytes)"
+        if cached.hashes is not None and now.hashes is not None:
+            if cached.hashes[i] != now.hashes[j]:
+                return f"{rid}: file content changed"
+        elif cached.mtimes_ns[i] != now.mtimes_ns[j]:
+            return f"{rid}: file modified since the cache was built"
+    return None
+
+
+def read_listings(paths: Sequence[str | Path], root: Path | None = None) -> list[Listing]:
+    """Listings of the given list files / image folders. Image folders after the first folder use its class order
+    (as a training split's classes are used for val/test); list files carry their own integer labels."""
+    listings: list[Listing] = []
+    classes = None
+    for p in paths:
+        p = Path(p)
+        is_folder = p.is_dir()
+        lst = read_split(p, classes=classes if is_folder else None, root=None if is_folder else root)
+        if is_folder and classes is None:
+            classes = lst.classes
+        listings.append(lst)
+    return listings
+
+
+def reread_sources(rows: DatasetRows) -> list[Listing]:
+    """The listings a cache was built from, read again from their recorded paths (to detect a changed dataset)."""
+    listings: list[Listing] = []
+    classes = None
+    for s in rows.sources:
+        if s["folder"]:
+            lst = read_split(s["path"], classes=classes)
+            classes = classes or lst.classes
+        else:
+            lst = read_split(s["path"], root=Path(s["root"]))
+        listings.append(lst)
+    return listings
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CacheError(f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{path}: corrupt {what} ({e})") from None
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a complete cache; a folder whose build has not finished is refused, never read."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        if (folder / PLAN).is_file():
+            done = count_progress(folder)
+            total = read_json(folder / PLAN, "build plan").get("chunking", {}).get("count", "?")
+            raise CacheIncompleteError(f"{folder}: incomplete cache, the build stopped after {done} of {total} chunks "
+                                       "(run `qtune cache build` again to resume)")
+        if not folder.is_dir():
+            raise CacheError(f"{folder}: cache folder not found")
+        raise CacheError(f"{folder}: not a qtune cache ({MANIFEST} missing)")
+    manifest = read_json(folder / MANIFEST, "cache manifest")
+    if manifest.get("format") != FORMAT:
+        raise CacheError(f"{folder / MANIFEST}: not a qtune cache manifest (field 'format')")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{folder / MANIFEST}: cache format version {manifest.get('format_version')} "
+                         f"(this qtune reads {FORMAT_VERSION}; rebuild the cache)")
+    for key in MANIFEST_FIELDS:
+        if key not in manifest:
+            raise CacheError(f"{folder / MANIFEST}: field {key!r} missing")
+    return manifest
+
+
+def count_progress(folder: Path) -> int:
+    """Chunks recorded as finished in an unfinished build (a torn last line is not counted)."""
+    return len(read_progress(folder / PROGRESS))
+
+
+def read_progress(path: Path) -> list[dict[str, Any]]:
+    """The finished-chunk records, in order, up to the first torn or out-of-order line."""
+    if not path.is_file():
+        return []
+    out: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not isinstance(rec, dict) or rec.get("chunk") != len(out):
+            break
+        out.append(rec)
+    return out
+
+
+def key_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The fields that decide whether two caches hold the same thing."""
+    return {k: manifest[k] for k in ("format_version", "backbone", "preprocessing", "dtype", "blocks", "shape")} | {
+        "rows": manifest["rows"]["fingerprint"], "root": manifest["rows"]["root"]}
+
+
+def key_difference(want: dict[str, Any], have: dict[str, Any]) -> str | None:
+    """The first field where two cache keys differ, in words."""
+    if want["backbone"]["name"] != have["backbone"]["name"]:
+        return f"backbone {have['backbone']['name']}, not {want['backbone']['name']}"
+    if want["backbone"]["weights_hash"] != have["backbone"]["weights_hash"]:
+        return (f"backbone weights differ (hash {have['backbone']['weights_hash'][:12]}, "
+                f"not {want['backbone']['weights_hash'][:12]})")
+    if want["backbone"]["model_args"] != have["backbone"]["model_args"]:
+        return f"backbone arguments {have['backbone']['model_args']}, not {want['backbone']['model_args']}"
+    for field in ("preprocessing", "dtype", "blocks", "root", "rows", "shape", "format_version"):
+        if want[field] != have[field]:
+            return f"{field} differs ({have[field]}, not {want[field]})" if field != "rows" else "dataset differs"
+    return None
+
+
+def backbone_key(backbone: Any) -> dict[str, Any]:
+    """The backbone part of a cache key: identity, preprocessing and the shape of what a block's K/V look like."""
+    attn = backbone.model.blocks[0].attn
+    return {"backbone": normalised(backbone.identity.to_dict()),
+            "preprocessing": normalised(backbone.preprocessing.to_dict()),
+            "shape": {"depth": backbone.depth, "heads": backbone.num_heads, "tokens": backbone.num_tokens,
+                      "head_dim": attn.head_dim, "dim": backbone.dim}}
+
+
+def parse_blocks(spec: str | Sequence[int] | None, depth: int) -> tuple[int, ...]:
+    """Blocks to keep: None or "all", "none", "0,3,11", or a sequence of indices; checked against the depth."""
+    if spec is None or spec == "all":
+        return tuple(range(depth))
+    if spec == "none":
+        return ()
+    if isinstance(spec, str):
+        try:
+            spec = [int(s) for s in spec.split(",") if s.strip()]
+        except ValueError:
+            raise CacheError(f"blocks {spec!r}: expected all, none or comma-separated block indices") from None
+    blocks = tuple(sorted({int(b) for b in spec}))
+    bad = [b for b in blocks if not 0 <= b < depth]
+    if bad:
+        raise CacheError(f"blocks {bad}: out of range for a backbone of depth {depth}")
+    return blocks

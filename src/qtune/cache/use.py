@@ -1,0 +1,41 @@
+"""Serve a training run's splits from a cache when it matches, and say in one line why not when it does not."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+from ..data import Listing
+from ..errors import CacheError
+from ..tuned import TunedModel
+from .read import CachedBatches, TapCache
+
+
+def cached_splits(path: str | Path, model: TunedModel, splits: Mapping[str, Listing],
+                  stream: bool = False) -> tuple[dict[str, CachedBatches], list[str]]:
+    """The splits the cache can serve for ``model``, and a one-line note for each split traced live instead.
+
+    A split is served only if the backbone identity, preprocessing and kept blocks match and every one of its
+    samples is in the cache with the same label and an unchanged file; anything else falls back to live tracing.
+    """
+    def live(reason: str, split: str | None = None) -> str:
+        where = f" for {split}" if split else ""
+        return f"qtune: cache {path} not used{where}: {reason}; tracing live"
+
+    if not model.reads_taps:
+        return {}, [live(f"method {model.method.name!r} trains the stream, it does not read taps")]
+    try:
+        cache = TapCache(path)
+    except CacheError as e:
+        return {}, [live(str(e))]
+    blocks = model.blocks_read()
+    why = cache.mismatch(model.backbone, blocks)
+    if why:
+        return {}, [live(why)]
+    served: dict[str, CachedBatches] = {}
+    notes: list[str] = []
+    for name, listing in splits.items():
+        try:
+            served[name] = CachedBatches(cache, listing, blocks, stream=stream)
+        except CacheError as e:
+            notes.append(live(str(e), name))
+    return served, notes
