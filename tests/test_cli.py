@@ -99,3 +99,39 @@ def test_console_script_exit_code_without_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "missing: data path not found" in proc.stderr
+
+
+def test_memory_writes_table_csv_json_png(tmp_path, capsys):
+    import csv
+    import json
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"method": "linear", "accuracy": 0.5}, {"method": "synqt", "accuracy": 0.7}]))
+    out = tmp_path / "mem"
+    argv = ["memory", *BACKBONE, "--methods", "linear,synqt,full", "--batch-size", "4", "--num-classes", "10",
+            "--cached", "--memory-budget", "100MB", "--max-tokens", "2", "--inference", "--inference-batch-size",
+            "2", "--threads", "1", "--results", str(results), "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "synqt (cached, stream-blocks)" in text and "x linear" in text and "GFLOPs/img" in text
+    data = json.loads((out / "memory.json").read_text())
+    assert data["settings"]["batch_size"] == 4 and data["dtype"] == "fp32" and data["torch_version"]
+    assert data["kind"] == "cpu_account" and data["provenance"]["versions"]["torch"]
+    labels = [r["label"] for r in data["training"]]
+    assert labels == ["linear", "linear (cached)", "linear (cached, stream-blocks)", "synqt", "synqt (cached)",
+                      "synqt (cached, stream-blocks)", "full"]
+    assert data["training"][0]["ratio_to_linear"] == 1.0
+    assert {f["method"]: f["options"] for f in data["budget"]}["synqt"] == {"trainable_blocks": 3, "tokens": 2}
+    rows = list(csv.DictReader((out / "memory.csv").open()))
+    assert {r["part"] for r in rows} == {"training", "budget", "inference"}
+    assert (out / "memory.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_memory_bad_inputs(capsys):
+    base = ["memory", *BACKBONE, "--quiet"]
+    assert "unknown method 'nope'" in _error(capsys, [*base, "--methods", "linear,nope"])
+    assert "memory size '3 apples'" in _error(capsys, [*base, "--memory-budget", "3 apples"])
+    assert "--batch-size" in _error(capsys, [*base, "--batch-size", "0"])
+    assert "--batch-size" in _error(capsys, [*base, "--batch-size", "many"])
+    assert "METHOD:KEY=VALUE" in _error(capsys, [*base, "-O", "tokens=3"])
+    assert "not among --methods" in _error(capsys, [*base, "--methods", "linear", "-O", "synqt:tokens=3"])

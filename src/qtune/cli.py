@@ -227,6 +227,59 @@ def cmd_demo(args: argparse.Namespace) -> None:
              threads=args.threads)
 
 
+def _method_options(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``METHOD:KEY=VALUE`` strings to per-method option dicts."""
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        method, sep, rest = pair.partition(":")
+        if not sep or not method:
+            raise ConfigError(f"--method-opt: expected METHOD:KEY=VALUE, got {pair!r}")
+        out.setdefault(method.lower(), {}).update(_kv_pairs([rest], "--method-opt"))
+    return out
+
+
+def _positive_int(text: str, flag: str) -> int:
+    try:
+        n = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag}: expected a whole number >= 1, got {text!r}") from None
+    if n < 1:
+        raise ConfigError(f"{flag}: expected a whole number >= 1, got {text!r}")
+    return n
+
+
+def cmd_memory(args: argparse.Namespace) -> None:
+    import torch
+
+    from .engine.loop import TrainConfig
+    from .engine.provenance import provenance
+    from .memory import compare_methods, parse_bytes
+    from .memory.compare import check_methods
+    from .report.memory import format_memory, read_accuracies, write_memory
+
+    batch = _positive_int(args.batch_size, "--batch-size")
+    infer_batch = args.inference_batch_size and _positive_int(args.inference_batch_size, "--inference-batch-size")
+    methods = check_methods([m for m in args.methods.split(",") if m])
+    budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+    max_tokens = _positive_int(args.max_tokens, "--max-tokens")
+    accuracies = read_accuracies(Path(args.results)) if args.results else None
+    options = _method_options(args.method_opt)
+    if args.threads:
+        torch.set_num_threads(_positive_int(args.threads, "--threads"))
+    device = TrainConfig(device=args.device).resolved_device()
+    backbone = _backbone_spec(args).load().to(device)
+    say = (lambda msg: print(f"qtune memory: {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
+    result = compare_methods(backbone, methods, batch_size=batch, num_classes=args.num_classes, device=device,
+                             precision=args.precision, options=options, training=args.training, cached=args.cached,
+                             budget=budget, max_tokens=max_tokens,
+                             inference=args.inference, inference_batch_size=infer_batch, say=say)
+    result["provenance"] = provenance(device)
+    print(format_memory(result))
+    if args.out:
+        files = write_memory(Path(args.out), result, accuracies)
+        print(f"written: {', '.join(str(f) for f in files)}")
+
+
 def cmd_data_check(args: argparse.Namespace) -> None:
     from .data.check import check_dataset
 
@@ -313,6 +366,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_args(p)
     p.add_argument("--num-classes", type=int, default=100)
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("memory", help="measured training memory per method; budget fitting; inference cost")
+    _add_backbone_args(p)
+    p.add_argument("--methods", default="linear,full,bitfit,vpt_deep,vqt,synqt", help="comma-separated method names")
+    p.add_argument("--batch-size", default="64", help="images per training step (default 64)")
+    p.add_argument("-O", "--method-opt", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="a method's option, e.g. vpt_deep:tokens=10 or synqt:trainable_blocks=4")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--training", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure each method's training step (--no-training: only the budget or inference parts)")
+    p.add_argument("--cached", action="store_true",
+                   help="also measure side-path methods trained from a cache (no backbone forward), with and "
+                        "without --stream-blocks")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="e.g. 3GB, 2.5GiB, 800MB: per method, the largest trainable_blocks (and tokens for "
+                        "SynQT/VQT) whose measured step fits")
+    p.add_argument("--max-tokens", default="64", help="largest token count tried when fitting a budget (default 64)")
+    p.add_argument("--inference", action="store_true", help="also measure parameters, FLOPs, images/s and memory")
+    p.add_argument("--inference-batch-size", help="batch for throughput and inference memory (default: --batch-size)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype")
+    p.add_argument("--threads", help="torch CPU threads (default: torch's)")
+    p.add_argument("--results", metavar="PATH", help="qtune results JSON (or folder): plot memory against accuracy")
+    p.add_argument("--out", metavar="DIR", help="write memory.csv, memory.json and memory.png here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_memory)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="verify a dataset (VTAB-1k task folder, FGVC annotations, folder or list)")
