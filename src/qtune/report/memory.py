@@ -149,28 +149,30 @@ def plot_memory(path: Path, result: dict[str, Any], accuracies: dict[str, float]
 
     rows = result["training"] or [{"label": f["method"], "method": f["method"], "total": f["total"]}
                                   for f in result["budget"]]
-    unit = "CPU account" if result["kind"] == "cpu_account" else "CUDA peak"
+    kind = "CPU account" if result["kind"] == "cpu_account" else "CUDA peak"
+    unit, scale = _unit(result)
     title = f"{result['settings']['backbone']['name']}, batch {result['settings']['batch_size']}, {result['dtype']}"
     points = [(r, accuracies[r["method"]]) for r in rows if accuracies and r["method"] in accuracies]
+    colors = {"live": "tab:blue", "cached": "tab:green", "cached_stream": "tab:olive"}
     if points:
         fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=150)
         for r, a in points:
-            x, y = r["total"] / GIB, 100 * a
-            ax.scatter([x], [y], s=40)
+            x, y = r["total"] / scale, 100 * a
+            ax.scatter([x], [y], s=40, color=colors.get(r.get("mode"), "tab:blue"))
             ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-        ax.set_xlabel(f"training memory per step (GiB, {unit})")
+        ax.set_xlabel(f"training memory per step ({unit}, {kind})")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
     else:
         fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(rows) + 1.4), dpi=150)
         labels = [r["label"] for r in rows][::-1]
-        totals = [r["total"] / GIB for r in rows][::-1]
-        bars = ax.barh(labels, totals, color="tab:blue")
+        totals = [r["total"] / scale for r in rows][::-1]
+        bars = ax.barh(labels, totals, color=[colors.get(r.get("mode"), "tab:blue") for r in rows[::-1]])
         for b, r in zip(bars, rows[::-1]):
             ratio = f"  {r['ratio_to_linear']:.2f}x linear" if r.get("ratio_to_linear") else ""
             ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {b.get_width():.2f}{ratio}", va="center",
                     fontsize=7)
-        ax.set_xlabel(f"training memory per step (GiB, {unit})")
+        ax.set_xlabel(f"training memory per step ({unit}, {kind})")
         ax.set_xlim(0, max(totals) * 1.35 if totals else 1)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(axis="x", alpha=0.3)
