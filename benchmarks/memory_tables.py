@@ -1,0 +1,62 @@
+"""Markdown tables for docs/memory.md from the memory.json files written by benchmarks/memory_vitb.sh.
+
+    python benchmarks/memory_tables.py benchmarks/results
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+GIB = 2**30
+# SynQT paper, Table 1: GPU memory at batch 64 on ViT-B/16 (GB).
+PAPER = {"linear": 2.5, "full": 11.1, "bitfit": 7.8, "vpt_deep": 8.1, "vqt": 3.2, "synqt": 3.4}
+
+
+def training(data: dict) -> str:
+    lines = ["| method | trainable | parameters | gradients | AdamW state | inputs | saved for backward | step peak "
+             "| **total** | x linear | paper (GB) | paper x linear |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in data["training"]:
+        paper = PAPER.get(r["method"]) if r["mode"] == "live" else None
+        paper_ratio = "" if paper is None else f"{paper / PAPER['linear']:.2f}"
+        cells = [f"{r[k] / GIB:.3f}" for k in ("parameters", "gradients", "optimizer_state", "inputs",
+                                               "saved_for_backward", "step_peak")]
+        lines.append(f"| {r['label']} | {r['trainable_parameters']:,} | " + " | ".join(cells) +
+                     f" | **{r['total'] / GIB:.3f}** | {r['ratio_to_linear']:.2f} | {paper or ''} | {paper_ratio} |")
+    return "\n".join(lines)
+
+
+def inference(data: dict) -> str:
+    lines = ["| method | parameters | trainable | GFLOPs / image | images / s | inference memory (MiB) |",
+             "|---|--:|--:|--:|--:|--:|"]
+    for r in data["inference"]:
+        lines.append(f"| {r['label']} | {r['parameters']:,} | {r['trainable_parameters']:,} | "
+                     f"{r['flops_per_image'] / 1e9:.2f} | {r['images_per_second']:.1f} | "
+                     f"{r['memory_bytes'] / 2**20:,.0f} |")
+    return "\n".join(lines)
+
+
+def budget(data: dict) -> str:
+    lines = ["| method | chosen | measured total (GiB) | fits | next setting up (GiB) |", "|---|---|--:|---|---|"]
+    for f in data["budget"]:
+        chosen = ", ".join(f"{k['key']}={k['value'] if k['value'] is not None else 'none fits'}"
+                           for k in f["knobs"]) or "(no knob)"
+        nxt = "; ".join(f"{k['key']}={k['value'] + 1}: {k['next_total'] / GIB:.3f}" for k in f["knobs"]
+                        if k["next_total"] is not None) or "-"
+        lines.append(f"| {f['method']} | {chosen} | {f['total'] / GIB:.3f} | {'yes' if f['fits'] else 'no'} | "
+                     f"{nxt} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
+    for name, fn in (("memory_vitb_training", training), ("memory_vitb_inference", inference),
+                     ("memory_vitb_budget_3GB", budget)):
+        path = root / name / "memory.json"
+        if path.is_file():
+            print(f"### {name}\n\n{fn(json.loads(path.read_text()))}\n")
+
+
+if __name__ == "__main__":
+    main()
