@@ -150,7 +150,7 @@ def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None
         raise ConfigError("the model has no trainable parameters")
     torch.manual_seed(cfg.seed)  # dropout and DropFeat
     optimizer = create_optimizer_v2(model, opt=_OPTIMIZERS[cfg.optimizer], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum)
+                                    momentum=cfg.momentum, foreach=True)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
