@@ -36,3 +36,12 @@ def test_selection_never_reads_test_until_the_end():
     assert sel.best == {"lr": 2}  # ties go to the earlier candidate
     assert [c[2] for c in calls] == ["val200"] * 3 + ["test"]
     assert calls[-1] == (2, "train800val200", "test")
+
+
+def test_tasks_in_parallel_processes_give_the_same_results(tmp_path):
+    kwargs = {"methods": ["linear"], "tasks": ["dsprites_loc", "clevr_count"], "quick": True, "progress": False,
+              "epochs": 1}
+    serial = run_demo(tmp_path / "serial", jobs=1, **kwargs)
+    parallel = run_demo(tmp_path / "parallel", jobs=2, **kwargs)
+    assert [s["dsprites_loc"] for s in serial] == [s["dsprites_loc"] for s in parallel]
+    assert [s["clevr_count"] for s in serial] == [s["clevr_count"] for s in parallel]

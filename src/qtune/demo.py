@@ -7,7 +7,10 @@ train live on a private copy of the backbone. Runs anywhere: nothing is download
 from __future__ import annotations
 
 import copy
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -73,56 +76,72 @@ def _fresh_model(backbone: Backbone, method: str, num_classes: int, seed: int,
     return TunedModel(bb, create_method(method, bb, num_classes, options or {}))
 
 
+def _run_task(task: str, task_dir: Path, out: Path, methods: Sequence[str], weights: Path, base: TrainConfig,
+              threads: int, progress: bool) -> list[ResultRow]:
+    """Every method on one task: its cache, selection on val200, the retrained choice tested once."""
+    torch.set_num_threads(threads)
+    backbone = load_backbone(None, weights)
+    info = OFFLINE_TASKS[task]
+    splits = read_vtab(task_dir, info.num_classes)
+    cache = out / "cache" / task
+    build_cache(cache, backbone, [splits["train800val200"], splits["test"]], dtype="fp32", progress=progress)
+    rows = []
+    for method in methods:
+        def run(hp: dict[str, Any], train: str, evaluate_on: str, method: str = method) -> dict[str, Any]:
+            cfg = replace(base, lr=hp["lr"], weight_decay=hp["weight_decay"])
+            model = _fresh_model(backbone, method, info.num_classes, cfg.seed, hp.get("options"))
+            data = _batches(model, cache, {train: splits[train], evaluate_on: splits[evaluate_on]})
+            t0 = time.perf_counter()
+            fit(model, data[train], cfg)
+            seconds = time.perf_counter() - t0
+            return {"accuracy": evaluate(model, data[evaluate_on], cfg)["accuracy"], "seconds": seconds,
+                    "trainable": model.num_trainable(), "batches": data[train]}
+
+        sel = select_then_test(run, GRIDS.get(method, DEFAULT_GRID))
+        memory, kind = _step_memory(backbone, method, info.num_classes, sel.final["batches"], base.batch_size)
+        rows.append(ResultRow(method, task, info.group, sel.final["accuracy"], sel.final["trainable"], memory, kind,
+                              sel.final["seconds"], {**sel.best, "val_accuracy": sel.val_accuracy}))
+        print(f"  {task:<14} {method:<8} test {100 * sel.final['accuracy']:5.1f}%  "
+              f"(val {100 * sel.val_accuracy:5.1f}% with lr {sel.best['lr']:g})  {sel.final['seconds']:.1f} s",
+              flush=True)
+    return rows
+
+
+def default_jobs() -> int:
+    """One task per available core: the demo model is too small for intra-op threads to pay off."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def run_demo(out: Path, methods: Sequence[str] = DEMO_METHODS, tasks: Sequence[str] | None = None,
              weights: str | Path | None = None, quick: bool = False, progress: bool = True,
-             epochs: int | None = None, threads: int = 1) -> list[dict]:
+             epochs: int | None = None, threads: int = 1, jobs: int | None = None) -> list[dict]:
     start = time.perf_counter()
-    # The demo model is tiny: its steps are bound by per-operator overhead, which extra threads only add to.
-    torch.set_num_threads(threads)
     tasks = list(tasks or OFFLINE_TASKS)
     unknown = [t for t in tasks if t not in OFFLINE_TASKS]
     if unknown:
         raise ConfigError(f"unknown demo task(s) {', '.join(unknown)} (choose from {', '.join(OFFLINE_TASKS)})")
     for m in methods:
         get_method(m)
+    jobs = max(1, min(jobs or default_jobs(), len(tasks)))
     weights = Path(weights) if weights else demo_weights()
-    print(f"qtune demo: backbone {weights}, tasks {', '.join(tasks)}, methods {', '.join(methods)}")
-    backbone = load_backbone(None, weights)
+    print(f"qtune demo: backbone {weights}, tasks {', '.join(tasks)}, methods {', '.join(methods)}; "
+          f"{jobs} task(s) at a time, {threads} torch thread(s) each")
+    load_backbone(None, weights)  # a bad backbone fails here, before any work
     task_dirs = make_offline_benchmark(out / "data", seed=0, tasks=tasks, test_size=200 if quick else 500,
                                        progress=progress)
     base = TrainConfig(epochs=epochs or (5 if quick else 15), batch_size=64, warmup_epochs=1 if quick else 2,
                        progress=False, seed=0)
-    rows: list[ResultRow] = []
-    memory: dict[str, tuple[int, str]] = {}
-    for task, task_dir in zip(tasks, task_dirs):
-        info = OFFLINE_TASKS[task]
-        splits = read_vtab(task_dir, info.num_classes)
-        cache = out / "cache" / task
-        build_cache(cache, backbone, [splits["train800val200"], splits["test"]], dtype="fp32", progress=progress)
-        for method in methods:
-            def run(hp: dict[str, Any], train: str, evaluate_on: str, method: str = method) -> dict[str, Any]:
-                cfg = replace(base, lr=hp["lr"], weight_decay=hp["weight_decay"])
-                model = _fresh_model(backbone, method, info.num_classes, cfg.seed, hp.get("options"))
-                data = _batches(model, cache, {train: splits[train], evaluate_on: splits[evaluate_on]})
-                t0 = time.perf_counter()
-                fit(model, data[train], cfg)
-                seconds = time.perf_counter() - t0
-                return {"accuracy": evaluate(model, data[evaluate_on], cfg)["accuracy"], "seconds": seconds,
-                        "trainable": model.num_trainable(), "batches": data[train]}
-
-            sel = select_then_test(run, GRIDS.get(method, DEFAULT_GRID))
-            if method not in memory:
-                memory[method] = _step_memory(backbone, method, info.num_classes, sel.final["batches"],
-                                              base.batch_size)
-            rows.append(ResultRow(method, task, info.group, sel.final["accuracy"], sel.final["trainable"],
-                                  memory[method][0], memory[method][1], sel.final["seconds"],
-                                  {**sel.best, "val_accuracy": sel.val_accuracy}))
-            print(f"  {task:<14} {method:<8} test {100 * sel.final['accuracy']:5.1f}%  "
-                  f"(val {100 * sel.val_accuracy:5.1f}% with lr {sel.best['lr']:g})  {sel.final['seconds']:.1f} s")
+    args = [(t, d, out, list(methods), weights, base, threads, progress and jobs == 1) for t, d in zip(tasks, task_dirs)]
+    if jobs == 1:
+        per_task = [_run_task(*a) for a in args]
+    else:  # each task is seeded on its own, so the results do not depend on jobs
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            per_task = list(pool.map(_run_task, *zip(*args)))
+    rows = [r for task_rows in per_task for r in task_rows]
     groups = [g for g in GROUPS if any(r.group == g for r in rows)]
     summary = benchmark_table(rows, groups)
     text = format_table(summary, tasks, groups)
-    kinds = sorted({k for _, k in memory.values()})
+    kinds = sorted({r.memory_kind for r in rows})
     print("\n" + text)
     print(f"\naccuracy: top-1 on test (%), hyper-parameters chosen on val200; memory: one training step at batch "
           f"{base.batch_size} ({', '.join(kinds)}); seconds: training time of the final runs")
