@@ -224,7 +224,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     run_demo(Path(args.out), methods=args.methods.split(","), tasks=args.tasks.split(",") if args.tasks else None,
              weights=args.weights, quick=args.quick, progress=not args.quiet, epochs=args.epochs,
-             threads=args.threads, jobs=args.jobs)
+             threads=args.threads, jobs=args.jobs, cache_dtype=args.cache_dtype)
 
 
 def _method_options(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -413,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs per run (default 15, quick 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per task (the demo model is overhead-bound)")
     p.add_argument("--jobs", type=int, help="tasks run at once, each in its own process (default: one per core)")
+    p.add_argument("--cache-dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="storage of the per-task K/V caches (fp32 trains exactly as live)")
     p.add_argument("--quick", action="store_true", help="fewer epochs and test images")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)

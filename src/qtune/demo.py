@@ -77,14 +77,14 @@ def _fresh_model(backbone: Backbone, method: str, num_classes: int, seed: int,
 
 
 def _run_task(task: str, task_dir: Path, out: Path, methods: Sequence[str], weights: Path, base: TrainConfig,
-              threads: int, progress: bool) -> list[ResultRow]:
+              cache_dtype: str, threads: int, progress: bool) -> list[ResultRow]:
     """Every method on one task: its cache, selection on val200, the retrained choice tested once."""
     torch.set_num_threads(threads)
     backbone = load_backbone(None, weights)
     info = OFFLINE_TASKS[task]
     splits = read_vtab(task_dir, info.num_classes)
-    cache = out / "cache" / task
-    build_cache(cache, backbone, [splits["train800val200"], splits["test"]], dtype="fp32", progress=progress)
+    cache = out / "cache" / f"{task}-{cache_dtype}"
+    build_cache(cache, backbone, [splits["train800val200"], splits["test"]], dtype=cache_dtype, progress=progress)
     rows = []
     for method in methods:
         def run(hp: dict[str, Any], train: str, evaluate_on: str, method: str = method) -> dict[str, Any]:
@@ -114,7 +114,8 @@ def default_jobs() -> int:
 
 def run_demo(out: Path, methods: Sequence[str] = DEMO_METHODS, tasks: Sequence[str] | None = None,
              weights: str | Path | None = None, quick: bool = False, progress: bool = True,
-             epochs: int | None = None, threads: int = 1, jobs: int | None = None) -> list[dict]:
+             epochs: int | None = None, threads: int = 1, jobs: int | None = None,
+             cache_dtype: str = "fp32") -> list[dict]:
     start = time.perf_counter()
     tasks = list(tasks or OFFLINE_TASKS)
     unknown = [t for t in tasks if t not in OFFLINE_TASKS]
@@ -125,13 +126,14 @@ def run_demo(out: Path, methods: Sequence[str] = DEMO_METHODS, tasks: Sequence[s
     jobs = max(1, min(jobs or default_jobs(), len(tasks)))
     weights = Path(weights) if weights else demo_weights()
     print(f"qtune demo: backbone {weights}, tasks {', '.join(tasks)}, methods {', '.join(methods)}; "
-          f"{jobs} task(s) at a time, {threads} torch thread(s) each")
+          f"{jobs} task(s) at a time, {threads} torch thread(s) each, {cache_dtype} caches")
     load_backbone(None, weights)  # a bad backbone fails here, before any work
     task_dirs = make_offline_benchmark(out / "data", seed=0, tasks=tasks, test_size=200 if quick else 500,
                                        progress=progress)
     base = TrainConfig(epochs=epochs or (5 if quick else 15), batch_size=64, warmup_epochs=1 if quick else 2,
                        progress=False, seed=0)
-    args = [(t, d, out, list(methods), weights, base, threads, progress and jobs == 1) for t, d in zip(tasks, task_dirs)]
+    args = [(t, d, out, list(methods), weights, base, cache_dtype, threads, progress and jobs == 1)
+            for t, d in zip(tasks, task_dirs)]
     if jobs == 1:
         per_task = [_run_task(*a) for a in args]
     else:  # each task is seeded on its own, so the results do not depend on jobs
@@ -144,7 +146,8 @@ def run_demo(out: Path, methods: Sequence[str] = DEMO_METHODS, tasks: Sequence[s
     kinds = sorted({r.memory_kind for r in rows})
     print("\n" + text)
     print(f"\naccuracy: top-1 on test (%), hyper-parameters chosen on val200; memory: one training step at batch "
-          f"{base.batch_size} ({', '.join(kinds)}); seconds: training time of the final runs")
+          f"{base.batch_size} ({', '.join(kinds)}); seconds: training time of the final runs; side paths read "
+          f"{cache_dtype} K/V caches")
     write_results(out, rows, summary, text)
     plot = plot_accuracy_vs_memory(out, summary, ", ".join(kinds))
     print(f"results written to {out} (table.txt, summary.csv, summary.json, results.json, {plot.name}); "
