@@ -5,7 +5,7 @@ quotes them with the commands that made them.
   python benchmarks/cache_speed.py speed --config demo --images 1000 --epochs 50
   python benchmarks/cache_speed.py speed --config vitb --images 128 --epochs 50 --live-epochs 5
   python benchmarks/cache_speed.py memory --config vitb --batch-size 64
-  python benchmarks/cache_speed.py accuracy --weights src/qtune/assets/demo_vit --epochs 50
+  python benchmarks/cache_speed.py accuracy --config demo --tasks texture_patch --lr 3e-3 --epochs 50
 
 Every measurement runs in a fresh subprocess (so its peak RSS is its own) with one torch thread (--threads).
 Backbones have random weights (timing and memory do not depend on the values); `accuracy` takes --weights.
@@ -212,34 +212,41 @@ def memory_phase(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def accuracy_phase(args: argparse.Namespace) -> dict[str, Any]:
-    """SynQT on one offline task from fp32, fp16 and bf16 caches (same seed and order): test accuracies."""
+    """SynQT on one offline task from fp32, fp16 and bf16 caches, same seeds and batch order: test accuracy, and how
+    many test predictions a half-precision cache changes against the fp32 cache with the same seed."""
     import torch
 
     torch.set_num_threads(args.threads)
     from qtune.cache import CachedBatches, TapCache, build_cache
     from qtune.data import read_list_file
-    from qtune.engine.loop import evaluate, fit
+    from qtune.engine.loop import fit, predict
 
     cfg = CONFIGS[args.config]
     task = Path(args.work) / args.task
     train = read_list_file(task / "train800val200.txt")
     test = read_list_file(task / "test.txt", num_classes=len(train.classes))
     backbone = _backbone(cfg, args.weights)
+    seeds = [int(x) for x in args.seeds.split(",")]
     res: dict[str, Any] = {"phase": "accuracy", "task": args.task, "weights": args.weights,
-                           "weights_hash": backbone.identity.weights_hash[:12]}
+                           "weights_hash": backbone.identity.weights_hash[:12], "lr": args.lr, "seeds": seeds}
+    preds: dict[tuple[str, int], torch.Tensor] = {}
     for dtype in ("fp32", "fp16", "bf16"):
         path = Path(args.work) / f"cache_{args.task}_{dtype}"
         build_cache(path, backbone, [train, test], dtype=dtype, batch_size=args.batch_size, progress=False,
                     overwrite=True)
         cache = TapCache(path)
-        for seed in (0, 1):
+        for seed in seeds:
             model = _model(backbone, args.tokens, len(train.classes))
             tc = _train_cfg(args, args.epochs)
-            tc.seed = seed
+            tc.seed, tc.lr = seed, args.lr
             torch.manual_seed(seed)
             fit(model, CachedBatches(cache, train, model.blocks_read()), tc)
-            acc = evaluate(model, CachedBatches(cache, test, model.blocks_read()), tc)["accuracy"]
-            res[f"{dtype}_seed{seed}"] = acc
+            logits, labels = predict(model, CachedBatches(cache, test, model.blocks_read()), tc)
+            preds[dtype, seed] = logits.argmax(1)
+            res[f"{dtype}_seed{seed}"] = (preds[dtype, seed] == labels).float().mean().item()
+            if dtype != "fp32":
+                res[f"{dtype}_seed{seed}_changed_predictions"] = (preds[dtype, seed] != preds["fp32", seed]).float(
+                    ).mean().item()
         res[f"{dtype}_cache_bytes"] = cache.nbytes
     return res
 
@@ -253,6 +260,7 @@ def _run_phase(args: argparse.Namespace, name: str, **extra: Any) -> dict[str, A
             "--dtype", args.dtype, "--epochs", str(args.epochs), "--live-epochs", str(extra.pop("live_epochs", 1))]
     if args.weights:
         argv += ["--weights", str(args.weights)]
+    argv += ["--lr", str(args.lr), "--seeds", args.seeds]
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}"] if v is True else ([] if v is False else [f"--{k.replace('_', '-')}",
                                                                                           str(v)])
@@ -348,12 +356,17 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     tasks = args.tasks.split(",")
     make_offline_benchmark(Path(args.work), seed=0, tasks=tasks, image_size=CONFIGS[args.config]["image_size"])
     results = {t: _run_phase(args, "accuracy", task=t) for t in tasks}
-    print(f"\nSynQT test accuracy from fp32 / fp16 / bf16 caches ({args.weights or args.config}, "
-          f"{args.epochs} epochs), seeds 0 / 1:")
+    print(f"\nSynQT test accuracy from fp32 / fp16 / bf16 caches ({args.weights or args.config}, lr {args.lr}, "
+          f"{args.epochs} epochs), seeds {args.seeds}:")
     for t, r in results.items():
-        print(f"  {t:<14}" + "  ".join(f"{d} {r[d + '_seed0']:.3f} / {r[d + '_seed1']:.3f}"
-                                      for d in ("fp32", "fp16", "bf16")))
-    return {"config": args.config, "weights": args.weights, "epochs": args.epochs, "tasks": results}
+        for d in ("fp32", "fp16", "bf16"):
+            accs = [r[f"{d}_seed{s}"] for s in r["seeds"]]
+            changed = "" if d == "fp32" else "; test predictions changed vs fp32: " + ", ".join(
+                f"{r[f'{d}_seed{s}_changed_predictions']:.3f}" for s in r["seeds"])
+            print(f"  {t:<14} {d}: " + ", ".join(f"{a:.3f}" for a in accs) + f" (mean {sum(accs) / len(accs):.3f})"
+                  + changed)
+    return {"config": args.config, "weights": args.weights, "epochs": args.epochs, "lr": args.lr, "seeds": args.seeds,
+            "tasks": results}
 
 
 def main() -> None:
@@ -367,7 +380,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4)
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--tasks", default="digits,texture_patch,clevr_count")
+    p.add_argument("--tasks", default="texture_patch")
+    p.add_argument("--lr", type=float, default=3e-3, help="accuracy: SynQT learning rate")
+    p.add_argument("--seeds", default="0,1,2", help="accuracy: training seeds")
     p.add_argument("--weights", help="a local pretrained backbone (folder or file) instead of random weights")
     p.add_argument("--work", type=Path, help="scratch folder (default /tmp/qtune_cache_bench_<config>)")
     p.add_argument("--out", type=Path, help="write the summary JSON here")
