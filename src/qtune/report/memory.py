@@ -150,8 +150,13 @@ def plot_memory(path: Path, result: dict[str, Any], accuracies: dict[str, float]
     rows = result["training"] or [{"label": f["method"], "method": f["method"], "total": f["total"]}
                                   for f in result["budget"]]
     kind = "CPU account" if result["kind"] == "cpu_account" else "CUDA peak"
-    unit, scale = _unit(result)
-    title = f"{result['settings']['backbone']['name']}, batch {result['settings']['batch_size']}, {result['dtype']}"
+    what = "training memory per step"
+    if not rows:  # an inference-only run: plot inference memory
+        rows = [{"label": r["label"], "method": r["method"], "total": r["memory_bytes"]} for r in result["inference"]]
+        what = f"inference memory, batch {result['settings']['inference_batch_size']}"
+    unit, scale = ("GiB", GIB) if rows and max(r["total"] for r in rows) >= GIB else ("MiB", 2**20)
+    batch = f", batch {result['settings']['batch_size']}" if result["training"] or result["budget"] else ""
+    title = f"{result['settings']['backbone']['name']}{batch}, {result['dtype']}"
     points = [(r, accuracies[r["method"]]) for r in rows if accuracies and r["method"] in accuracies]
     colors = {"live": "tab:blue", "cached": "tab:green", "cached_stream": "tab:olive"}
     if points:
@@ -160,7 +165,7 @@ def plot_memory(path: Path, result: dict[str, Any], accuracies: dict[str, float]
             x, y = r["total"] / scale, 100 * a
             ax.scatter([x], [y], s=40, color=colors.get(r.get("mode"), "tab:blue"))
             ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-        ax.set_xlabel(f"training memory per step ({unit}, {kind})")
+        ax.set_xlabel(f"{what} ({unit}, {kind})")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
     else:
@@ -172,7 +177,7 @@ def plot_memory(path: Path, result: dict[str, Any], accuracies: dict[str, float]
             ratio = f"  {r['ratio_to_linear']:.2f}x linear" if r.get("ratio_to_linear") else ""
             ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {b.get_width():.2f}{ratio}", va="center",
                     fontsize=7)
-        ax.set_xlabel(f"training memory per step ({unit}, {kind})")
+        ax.set_xlabel(f"{what} ({unit}, {kind})")
         ax.set_xlim(0, max(totals) * 1.35 if totals else 1)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(axis="x", alpha=0.3)
