@@ -67,12 +67,17 @@ def compare_methods(backbone: Backbone, methods: Sequence[str], *, batch_size: i
     for r in rows:
         r["ratio_to_linear"] = r["total"] / base["total"] if base else None
 
+    def probe(method: str, opts: dict[str, Any]) -> dict[str, Any]:
+        row = measure(method, opts)
+        size = f"{row['total'] / 2**30:.3f} GiB" if row["total"] >= 2**30 else f"{row['total'] / 2**20:.1f} MiB"
+        say(f"budget fitting: {row['label']}: {size}, "
+            f"{'fits' if row['total'] <= budget else 'does not fit'}")
+        return row
+
     fits = []
     if budget is not None:
         for m in methods:
-            say(f"budget fitting: {m}")
-            fits.append(fit_budget(lambda o, m=m: measure(m, o), m, backbone, budget, options.get(m, {}),
-                                   max_tokens))
+            fits.append(fit_budget(lambda o, m=m: probe(m, o), m, backbone, budget, options.get(m, {}), max_tokens))
 
     cost = []
     if inference:
