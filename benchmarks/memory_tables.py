@@ -14,9 +14,9 @@ PAPER = {"linear": 2.5, "full": 11.1, "bitfit": 7.8, "vpt_deep": 8.1, "vqt": 3.2
 
 
 def training(data: dict) -> str:
-    lines = ["| method | trainable | parameters | gradients | AdamW state | inputs | saved for backward | step peak "
-             "| **total** | x linear | paper (GB) | paper x linear |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    head = ("| method | trainable | parameters | gradients | AdamW state | inputs | saved for backward | step peak "
+            "| **total** | x linear | paper (GB) | paper x linear |")
+    lines = [head, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in data["training"]:
         paper = PAPER.get(r["method"]) if r["mode"] == "live" else None
         paper_ratio = "" if paper is None else f"{paper / PAPER['linear']:.2f}"
