@@ -1,11 +1,13 @@
 """Atomic file writes: a temporary file in the same folder, fsync, then rename, so readers never see half a file."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -29,3 +31,12 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """One row per dict; the columns are every key, in order of first appearance."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())

@@ -1,15 +1,13 @@
 """Tables, CSV/JSON and a plot of ``qtune memory`` results (training memory, budget fitting, inference cost)."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
 from ..errors import ConfigError
-from ..io import atomic_write, write_json, write_text
+from ..io import atomic_write, write_csv, write_json
 
 GIB = 2**30
 _PARTS = ("parameters", "gradients", "optimizer_state", "inputs", "saved_for_backward", "step_peak", "total")
@@ -192,11 +190,5 @@ def write_memory(out: Path, result: dict[str, Any], accuracies: dict[str, float]
     """memory.json (everything, with settings and provenance), memory.csv (one row per figure), memory.png."""
     out = Path(out)
     write_json(out / "memory.json", result)
-    rows = _csv_rows(result)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    write_text(out / "memory.csv", buf.getvalue())
+    write_csv(out / "memory.csv", _csv_rows(result))
     return [out / "memory.json", out / "memory.csv", plot_memory(out / "memory.png", result, accuracies)]

@@ -1,15 +1,12 @@
 """Benchmark tables the way the papers report them: top-1 per task, group means, and the mean of the group means."""
 from __future__ import annotations
 
-import csv
-import io
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import mean
 from typing import Sequence
 
-from ..io import atomic_write, write_json, write_text
+from ..io import atomic_write, write_csv, write_json, write_text
 
 
 @dataclass
@@ -60,12 +57,7 @@ def write_results(out: Path, rows: Sequence[ResultRow], summary: list[dict], tex
     """results.json (every run), summary.csv / summary.json (per method), table.txt (as printed)."""
     write_json(out / "results.json", [asdict(r) for r in rows])
     write_json(out / "summary.json", summary)
-    keys = list(dict.fromkeys(k for s in summary for k in s))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(summary)
-    write_text(out / "summary.csv", buf.getvalue())
+    write_csv(out / "summary.csv", summary)
     write_text(out / "table.txt", text + "\n")
 
 
