@@ -14,13 +14,14 @@ hundred 32x32 images per second.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from qtune.io import atomic_write, write_text
 
 MIN_MAPS, MAX_MAPS = 2, 4
 FILL_GRID = 48  # resolution of the filling-rate check
@@ -247,16 +248,12 @@ class FractalDataset(Dataset):
                 return cls(images, np.tile(np.arange(num_classes, dtype=np.int64), images_per_class))
         images, labels = render_dataset(sample_classes(num_classes, seed), images_per_class, size, seed, stream)
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-            with open(tmp, "wb") as f:
-                np.save(f, images)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, cache)
-            tmp_meta = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
-            tmp_meta.write_text(json.dumps(recipe))
-            os.replace(tmp_meta, meta)
+            def save(path: Path) -> None:
+                with open(path, "wb") as f:  # a handle, since np.save appends .npy to a bare name
+                    np.save(f, images)
+
+            atomic_write(cache, save)
+            write_text(meta, json.dumps(recipe))
             images = np.load(cache, mmap_mode="r")
         return cls(images, labels)
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from qtune.io import atomic_write, write_text
 from qtune.pretrain.fractal import FractalDataset
 
 log = logging.getLogger("qtune.pretrain")
@@ -112,24 +113,6 @@ def _paths(out_path: Path) -> dict[str, Path]:
         "data": work / "train_images.npy",
         "log": work / "log.jsonl",
     }
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _lr_at(step: int, total: int, config: PretrainConfig) -> float:
@@ -306,17 +289,15 @@ def pretrain(
 
     def checkpoint() -> None:
         history["wall_time_s"] += time.time() - segment_start
-        _atomic_torch_save(
-            {
-                "recipe": config.recipe(),
-                "step": step,
-                "total_steps": total,
-                "history": history,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-            },
-            paths["ckpt"],
-        )
+        state = {
+            "recipe": config.recipe(),
+            "step": step,
+            "total_steps": total,
+            "history": history,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+        }
+        atomic_write(paths["ckpt"], lambda p: torch.save(state, p))
         _append_log(paths["log"], {"event": "checkpoint", "step": step})
 
     segment_start = last_ckpt = last_log = time.time()
@@ -390,10 +371,11 @@ def _finish(
     log.info("held-out top-1 on %d fresh renders: %.4f", len(held_out), top1)
 
     tensors = _backbone_state(model, config.save_dtype)
-    tmp = paths["out"].with_name(f".{paths['out'].name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "timm_kwargs": json.dumps(config.timm_kwargs())})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, paths["out"])
+    def save(path: Path) -> None:
+        save_file(tensors, str(path), metadata={"format": "pt", "timm_kwargs": json.dumps(config.timm_kwargs())})
+        os.chmod(path, 0o644)  # a shipped file, readable by all (temporary files are private)
+
+    atomic_write(paths["out"], save)
     n_params = sum(t.numel() for t in tensors.values())
     n_train = config.num_classes * config.images_per_class
     card = {
@@ -461,7 +443,7 @@ def _finish(
             "Anderson & Farrell 2022, Improving Fractal Pre-training (WACV)",
         ],
     }
-    _atomic_write_text(paths["card"], json.dumps(card, indent=2) + "\n")
+    write_text(paths["card"], json.dumps(card, indent=2) + "\n")
     _append_log(paths["log"], {"event": "done", "step": step, "held_out_top1": top1})
     for name in ("ckpt", "data"):  # large and reproducible; the log stays
         paths[name].unlink(missing_ok=True)
