@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from qtune.report.memory import budget_choice
+
 GIB = 2**30
 # SynQT paper, Table 1: GPU memory at batch 64 on ViT-B/16 (GB).
 PAPER = {"linear": 2.5, "full": 11.1, "bitfit": 7.8, "vpt_deep": 8.1, "vqt": 3.2, "synqt": 3.4}
@@ -40,10 +42,7 @@ def inference(data: dict) -> str:
 def budget(data: dict) -> str:
     lines = ["| method | chosen | measured total (GiB) | fits | next setting up (GiB) |", "|---|---|--:|---|---|"]
     for f in data["budget"]:
-        chosen = ", ".join(f"{k['key']}={k['value'] if k['value'] is not None else 'none fits'}"
-                           for k in f["knobs"]) or "(no knob)"
-        nxt = "; ".join(f"{k['key']}={k['value'] + 1}: {k['next_total'] / GIB:.3f}" for k in f["knobs"]
-                        if k["next_total"] is not None) or "-"
+        chosen, nxt = budget_choice(f, lambda b: f"{b / GIB:.3f}")
         lines.append(f"| {f['method']} | {chosen} | {f['total'] / GIB:.3f} | {'yes' if f['fits'] else 'no'} | "
                      f"{nxt} |")
     return "\n".join(lines)

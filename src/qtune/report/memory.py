@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from statistics import mean
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import ConfigError
 from ..io import atomic_write, write_csv, write_json
@@ -47,6 +47,15 @@ def format_training(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def budget_choice(fit: dict[str, Any], size: Callable[[int], str]) -> tuple[str, str]:
+    """What a budget fit chose per knob, and the measured total of the next setting up (``size`` formats bytes)."""
+    chosen = ", ".join(f"{k['key']}={k['value'] if k['value'] is not None else 'none fits'}"
+                       for k in fit["knobs"]) or "(no knob)"
+    nxt = "; ".join(f"{k['key']}={k['value'] + 1}: {size(k['next_total'])}" for k in fit["knobs"]
+                    if k["next_total"] is not None) or "-"
+    return chosen, nxt
+
+
 def format_budget(result: dict[str, Any]) -> str:
     if not result["budget"]:
         return ""
@@ -58,10 +67,7 @@ def format_budget(result: dict[str, Any]) -> str:
     lines = [title,
              f"{'method':<14} {'fits':<5} {'chosen':<36} {'total ' + unit:>9}  next setting up (measured)"]
     for f in result["budget"]:
-        chosen = ", ".join(f"{k['key']}={k['value'] if k['value'] is not None else 'none fits'}"
-                           for k in f["knobs"]) or "(no knob)"
-        nxt = "; ".join(f"{k['key']}={k['value'] + 1}: {_g(k['next_total'], scale)} {unit}" for k in f["knobs"]
-                        if k["next_total"] is not None) or "-"
+        chosen, nxt = budget_choice(f, lambda b: f"{_g(b, scale)} {unit}")
         lines.append(f"{f['method']:<14} {'yes' if f['fits'] else 'no':<5} {chosen:<36} {_g(f['total'], scale):>9}"
                      f"  {nxt}")
     return "\n".join(lines)
