@@ -8,7 +8,10 @@ from torch import nn
 
 
 class Adapter(nn.Module):
-    """Residual bottleneck x + fc2(dropout(gelu(fc1(x)))), the "Adapter(r)" of METHODS.md."""
+    """Residual bottleneck x + dropout(fc2(dropout(gelu(fc1(x))))), the "Adapter(r)" of METHODS.md.
+
+    The same dropout module acts twice, after the activation and after fc2, as in the SynQT authors' ``Mlp``.
+    """
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
@@ -18,7 +21,7 @@ class Adapter(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(self.drop(self.act(self.fc1(x))))
+        return x + self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 def vpt_uniform_bound(patch_size: int, dim: int) -> float:

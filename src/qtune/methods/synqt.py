@@ -9,7 +9,6 @@ never use (per-block pre-norms, an unused aggregation weight) are not created he
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 from ..backbones import Backbone, Taps
 from . import register
 from .base import Method, MethodConfig, block_count, first_trainable_block, positive, probability
-from .layers import Adapter, timm_head
+from .layers import Adapter
 
 
 @dataclass
@@ -26,9 +25,10 @@ class SynQTConfig(MethodConfig):
     tokens: int = field(default=4, metadata={"help": "prompt/query tokens per block (n)"})
     bottleneck: int = field(default=48, metadata={"help": "width of the input-projection, QSM-FFN and head adapters"})
     qsm_bottleneck: int = field(default=8, metadata={"help": "width of the QSM attention's q/k/v/out adapters"})
-    attn_scale: float = field(default=1.0, metadata={"help": "initial QSM attention residual scale s'"})
-    ffn_scale: float = field(default=1.0, metadata={"help": "initial QSM FFN residual scale s''"})
-    feat_scale: float = field(default=1.0, metadata={"help": "initial scale f of the previous block's knowledge"})
+    # Scales default to 0.1, the authors' most frequent per-task setting (methods/presets.py has them all).
+    attn_scale: float = field(default=0.1, metadata={"help": "initial QSM attention residual scale s'"})
+    ffn_scale: float = field(default=0.1, metadata={"help": "initial QSM FFN residual scale s''"})
+    feat_scale: float = field(default=0.1, metadata={"help": "initial scale f of the previous block's knowledge"})
     dropout: float = field(default=0.1, metadata={"help": "dropout in adapters, QSM attention and on queries"})
     drop_feat: float = field(default=0.3, metadata={"help": "per-sample drop rate of whole features (DropFeat)"})
     trainable_blocks: int | None = field(default=None, metadata={
@@ -91,9 +91,13 @@ class ConditionalHead(nn.Module):
         self.weight_fc = nn.Linear(dim, num_features - 1)
         self.weight_drop = nn.Dropout(cfg.dropout)
         self.act = nn.GELU()
-        # Starts as the backbone's final norm, then trains: the features live in the stream's scale.
-        self.norm = copy.deepcopy(backbone.final_norm).requires_grad_(True)
-        self.fc = timm_head(dim, num_classes)
+        # A fresh LayerNorm (PyTorch's eps 1e-5, as the authors build it) starting from the backbone's final norm's
+        # weight and bias, then trained: the features live in the stream's scale.
+        self.norm = nn.LayerNorm(dim)
+        with torch.no_grad():
+            self.norm.weight.copy_(backbone.final_norm.weight)
+            self.norm.bias.copy_(backbone.final_norm.bias)
+        self.fc = nn.Linear(dim, num_classes)  # PyTorch's default init, as timm 0.4's reset_classifier gives them
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (B, F, D)
         h = feats + self.proj(self.proj_norm(feats))
