@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..tuned import TunedModel
 
-_OPTIMIZERS = {"adamw": "adamw", "sgd": "momentum"}  # timm's "sgd" is Nesterov; the papers use plain momentum
+# timm's "sgd" is Nesterov; the papers use plain momentum. "adam" couples weight decay into the gradient (VQT's).
+_OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "sgd": "momentum"}
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -26,9 +27,11 @@ _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class TrainConfig:
     epochs: int = field(default=50, metadata={"help": "training epochs"})
     batch_size: int = field(default=64, metadata={"help": "batch size"})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw or sgd (momentum)"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw, adam or sgd (momentum)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=1e-2, metadata={"help": "weight decay (not applied to biases and norms)"})
+    decay_all: bool = field(default=False, metadata={
+        "help": "decay every trainable tensor, biases and norms too (as the SynQT authors' AdamW does)"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     warmup_epochs: float = field(default=10, metadata={"help": "linear warmup from 0, in epochs"})
     min_lr: float = field(default=1e-6, metadata={"help": "final learning rate of the half-cycle cosine"})
@@ -150,7 +153,7 @@ def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None
         raise ConfigError("the model has no trainable parameters")
     torch.manual_seed(cfg.seed)  # dropout and DropFeat
     optimizer = create_optimizer_v2(model, opt=_OPTIMIZERS[cfg.optimizer], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum, foreach=True)
+                                    momentum=cfg.momentum, foreach=True, filter_bias_and_bn=not cfg.decay_all)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
