@@ -51,24 +51,44 @@ def _backbone_spec(args: argparse.Namespace):
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from .engine.loop import TrainConfig
 
+    # Defaults stay None here, so that a flag given explicitly wins over a --preset and the preset over the default.
     g = p.add_argument_group("training")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            g.add_argument(flag, action=argparse.BooleanOptionalAction,
+                           help=f"{f.metadata['help']} (default {f.default})")
         else:
             kind = {"int": int, "float": float, "str": str}.get(str(f.type), f.type)
-            g.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} (default {f.default})")
+            g.add_argument(flag, type=kind, help=f"{f.metadata['help']} (default {f.default})")
+
+
+def _method_and_config(args: argparse.Namespace):
+    """The method, its options and the TrainConfig of a train command: explicit flags, then --preset, then defaults."""
+    from .engine.loop import TrainConfig
+    from .methods.presets import get_preset
+
+    options = _kv_pairs(args.method_opt, "--method-opt")
+    train: dict[str, Any] = {}
+    method = args.method
+    if args.preset:
+        preset = get_preset(args.preset)
+        if method and method.lower() != preset.method:
+            raise ConfigError(f"--method {method} conflicts with --preset {args.preset} (a {preset.method} preset)")
+        method, options, train = preset.method, {**preset.options, **options}, dict(preset.train)
+    if not method:
+        raise ConfigError("give --method or --preset")
+    train.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None})
+    return method, options, TrainConfig(**train)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .engine.job import DataSpec, JobSpec, train_job
-    from .engine.loop import TrainConfig
 
-    train_cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    method, options, train_cfg = _method_and_config(args)
+    args.method = method
     spec = JobSpec(_backbone_spec(args), DataSpec(args.train, args.val, args.test, args.num_classes, args.data_root),
-                   args.method, _kv_pairs(args.method_opt, "--method-opt"), train_cfg, args.out,
-                   cache=args.cache, stream_blocks=args.stream_blocks)
+                   method, options, train_cfg, args.out, cache=args.cache, stream_blocks=args.stream_blocks)
     result = train_job(spec, overwrite=args.overwrite)
     acc = " ".join(f"{k}={result[k]:.4f}" for k in ("val_accuracy", "test_accuracy") if k in result)
     print(f"{args.method}: {result['trainable_parameters']:,} trainable parameters, "
@@ -300,7 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a method on a dataset and write a run folder")
     _add_backbone_args(p)
-    p.add_argument("--method", required=True, help="method name (see `qtune methods`)")
+    p.add_argument("--method", help="method name (see `qtune methods`)")
+    p.add_argument("--preset", metavar="METHOD:vtab/TASK",
+                   help="a paper's options and recipe for a VTAB-1k task, e.g. synqt:vtab/dsprites_loc or "
+                        "vqt:vtab/svhn (docs/methods.md); -O and training flags override it")
     p.add_argument("-O", "--method-opt", action="append", default=[], metavar="KEY=VALUE", help="method option")
     p.add_argument("--train", required=True, help="training split: image folder or list file")
     p.add_argument("--val", help="validation split (monitoring; never used to select on test)")

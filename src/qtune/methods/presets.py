@@ -1,0 +1,97 @@
+"""The papers' per-task settings and training recipes, as named presets: ``synqt:vtab/dsprites_loc``.
+
+- SynQT: tokens n, s' (attention scale), s'' (FFN scale) and f (feature scale) per VTAB-1k task, from the authors'
+  released ``configs/vit_21k/<task>.yaml`` (the outcome of their search; their ``train.py`` reads only these four
+  keys). Recipe: AdamW, lr 1e-3, wd 1e-2, batch 64, 50 epochs, 10 warmup epochs from 0, half-cycle cosine to 1e-6,
+  stepped every iteration (paper section 4 and the authors' ``train.py``). Search space of the paper: n in {1, 4, 16},
+  s' and s'' in {0.1, 1}.
+- VQT: query tokens per VTAB-1k task from the authors' ``run_demo_exp.sh`` (1; 10 for sNORB-elevation and
+  Clevr-distance; 20 for SVHN, DMLab, dSprites-location, sNORB-azimuth, KITTI). Recipe: Adam (weight decay coupled
+  into the gradient), batch 128, 100 epochs, 10 warmup epochs, cosine; grid lr in {1, 0.5, 0.25, 0.1, 0.05} x 128/256
+  and wd in {1e-2, 1e-3, 1e-4, 0}, chosen on train800 -> val200.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import product
+from typing import Any
+
+from ..errors import ConfigError
+
+# task: (tokens, attn_scale s', ffn_scale s'', feat_scale f)
+SYNQT_VTAB: dict[str, tuple[int, float, float, float]] = {
+    "cifar": (4, 1.0, 0.1, 0.1),
+    "caltech101": (4, 0.1, 0.1, 1.0),
+    "dtd": (1, 0.1, 0.1, 0.1),
+    "oxford_flowers102": (4, 0.1, 0.1, 0.1),
+    "oxford_iiit_pet": (1, 0.1, 1.0, 1.0),
+    "svhn": (4, 0.1, 1.0, 1.0),
+    "sun397": (1, 1.0, 0.1, 0.1),
+    "patch_camelyon": (16, 0.1, 1.0, 0.1),
+    "eurosat": (16, 1.0, 0.1, 0.1),
+    "resisc45": (4, 0.1, 0.1, 0.1),
+    "diabetic_retinopathy": (16, 1.0, 0.1, 0.1),
+    "clevr_count": (16, 0.1, 0.1, 0.1),
+    "clevr_dist": (16, 0.1, 0.1, 0.1),
+    "dmlab": (1, 0.1, 0.1, 1.0),
+    "kitti": (16, 1.0, 0.1, 0.1),
+    "dsprites_loc": (16, 0.1, 0.1, 0.1),
+    "dsprites_ori": (4, 0.1, 0.1, 1.0),
+    "smallnorb_azi": (16, 0.1, 1.0, 1.0),
+    "smallnorb_ele": (16, 1.0, 0.1, 0.1),
+}
+VQT_TOKENS: dict[str, int] = {name: 1 for name in SYNQT_VTAB} | {
+    "smallnorb_ele": 10, "clevr_dist": 10,
+    "svhn": 20, "dmlab": 20, "dsprites_loc": 20, "smallnorb_azi": 20, "kitti": 20,
+}
+
+SYNQT_RECIPE: dict[str, Any] = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 64,
+                                "epochs": 50, "warmup_epochs": 10, "min_lr": 1e-6}
+VQT_RECIPE: dict[str, Any] = {"optimizer": "adam", "lr": 0.125, "weight_decay": 1e-4, "batch_size": 128,
+                              "epochs": 100, "warmup_epochs": 10, "min_lr": 0.0}
+SYNQT_SEARCH: tuple[dict[str, Any], ...] = tuple(
+    {"tokens": n, "attn_scale": a, "ffn_scale": f} for n, a, f in product((1, 4, 16), (0.1, 1.0), (0.1, 1.0)))
+VQT_GRID: tuple[dict[str, Any], ...] = tuple(
+    {"lr": lr * 128 / 256, "weight_decay": wd}
+    for lr, wd in product((1.0, 0.5, 0.25, 0.1, 0.05), (1e-2, 1e-3, 1e-4, 0.0)))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A method with a paper's options for one task, its training recipe and its hyper-parameter grid."""
+
+    name: str
+    method: str
+    options: dict[str, Any]
+    train: dict[str, Any]  # TrainConfig fields
+    grid: tuple[dict[str, Any], ...] = field(default=())  # TrainConfig fields searched on validation data
+
+
+def _synqt(task: str) -> Preset:
+    n, s1, s2, f = SYNQT_VTAB[task]
+    return Preset(f"synqt:vtab/{task}", "synqt", {"tokens": n, "attn_scale": s1, "ffn_scale": s2, "feat_scale": f},
+                  dict(SYNQT_RECIPE), ({"lr": 1e-3, "weight_decay": 1e-2},))
+
+
+def _vqt(task: str) -> Preset:
+    return Preset(f"vqt:vtab/{task}", "vqt", {"tokens": VQT_TOKENS[task]}, dict(VQT_RECIPE), VQT_GRID)
+
+
+_BUILDERS = {"synqt": _synqt, "vqt": _vqt}
+
+
+def preset_names() -> list[str]:
+    return [f"{m}:vtab/{t}" for m in _BUILDERS for t in SYNQT_VTAB]
+
+
+def get_preset(name: str) -> Preset:
+    """``METHOD:vtab/TASK``; VTAB task aliases (``dsprites_location``, ``pets``, ...) are accepted."""
+    from ..data.benchmarks import VTAB_TASKS
+
+    method, sep, rest = name.strip().lower().partition(":")
+    suite, slash, task = rest.partition("/")
+    aliases = {a: t.name for t in VTAB_TASKS.values() for a in (t.name, *t.aliases)}
+    if not sep or not slash or method not in _BUILDERS or suite != "vtab" or task not in aliases:
+        raise ConfigError(f"unknown preset {name!r}: expected METHOD:vtab/TASK with METHOD in "
+                          f"{', '.join(_BUILDERS)} and TASK one of {', '.join(SYNQT_VTAB)}")
+    return _BUILDERS[method](aliases[task])
