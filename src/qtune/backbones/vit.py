@@ -51,6 +51,15 @@ def _merge(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, n, h * hd)  # (B, N, H*hd)
 
 
+def _query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of a few query tokens over the stream's K/V. On CPU, SDPA's backward also computes the gradients of
+    K and V, which a frozen stream never needs; the plain product is then 2-3x faster for a few queries (measured on
+    ViT-Ti: 1-16 queries over 197 tokens) and keeps only the (B, H, n, N) weights for backward."""
+    if q.device.type == "cpu" and not (k.requires_grad or v.requires_grad):
+        return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 def _attn_out(attn: nn.Module, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Heads merged -> (scale norm) -> (gate) -> proj, as in timm's Attention."""
     x = attn.norm(_merge(o)) if hasattr(attn, "norm") else _merge(o)
@@ -172,7 +181,7 @@ class Backbone(nn.Module):
         q_dim = attn.num_heads * attn.head_dim
         bias = attn.qkv.bias[:q_dim] if attn.qkv.bias is not None else None
         q = attn.q_norm(_heads(F.linear(h, attn.qkv.weight[:q_dim], bias), attn.num_heads))
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), scale=attn.scale)
+        o = _query_attention(q, k.to(q.dtype), v.to(q.dtype), attn.scale)
         a = blk.ls1(_attn_out(attn, o, h))
         e = tokens + a
         m = blk.ls2(blk.mlp(blk.norm2(e)))
