@@ -12,7 +12,7 @@ RunFn = Callable[[dict[str, Any], str, str], dict[str, Any]]
 @dataclass
 class Selection:
     best: dict[str, Any]
-    val_accuracy: float
+    val_accuracy: float | None  # None when there was nothing to choose
     grid: list[dict[str, Any]] = field(default_factory=list)  # every candidate with its validation accuracy
     final: dict[str, Any] = field(default_factory=dict)  # the retrained run's result, with its test accuracy
 
@@ -20,9 +20,11 @@ class Selection:
 def select_then_test(run: RunFn, grid: Sequence[dict[str, Any]], train: str = "train800", val: str = "val200",
                      trainval: str = "train800val200", test: str = "test") -> Selection:
     """Pick the candidate with the best validation accuracy (ties: the earlier one in ``grid``), retrain it on
-    ``trainval`` and evaluate it once on ``test``."""
+    ``trainval`` and evaluate it once on ``test``. A single candidate needs no validation run."""
     if not grid:
         raise ValueError("empty hyper-parameter grid")
+    if len(grid) == 1:
+        return Selection(dict(grid[0]), None, [dict(grid[0])], run(dict(grid[0]), trainval, test))
     scored = []
     for hp in grid:
         acc = run(dict(hp), train, val)["accuracy"]

@@ -22,17 +22,29 @@ class ResultRow:
     hparams: dict
 
 
-def benchmark_table(rows: Sequence[ResultRow], groups: Sequence[str]) -> list[dict]:
-    """One summary per method: per-task accuracy, per-group means, their mean, parameters, memory, time."""
+def benchmark_table(rows: Sequence[ResultRow], groups: Sequence[str],
+                    tasks: Sequence[str] | None = None) -> list[dict]:
+    """One summary per method: per-task accuracy, per-group means, their mean, parameters, memory, time.
+
+    With ``tasks``, a method's group mean needs every one of them in that group, and the mean of group means every
+    group, so that a method run on fewer tasks is not averaged over others.
+    """
+    group_of = {r.task: r.group for r in rows}
     out = []
     for method in dict.fromkeys(r.method for r in rows):
         mine = [r for r in rows if r.method == method]
-        group_means = {g: mean(r.accuracy for r in mine if r.group == g) for g in groups if any(r.group == g for r in mine)}
+        accs = {r.task: r.accuracy for r in mine}
+        group_means = {}
+        for g in groups:
+            members = [t for t in (tasks or accs) if group_of.get(t) == g]
+            if members and all(t in accs for t in members):
+                group_means[g] = mean(accs[t] for t in members)
+        complete = bool(group_means) and (tasks is None or len(group_means) == len(groups))
         out.append({
             "method": method,
-            **{r.task: r.accuracy for r in mine},
+            **accs,
             **{f"mean_{g}": v for g, v in group_means.items()},
-            "mean_of_groups": mean(group_means.values()),
+            **({"mean_of_groups": mean(group_means.values())} if complete else {}),
             "trainable_parameters": max(r.trainable_parameters for r in mine),
             "memory_bytes": max(r.memory_bytes for r in mine),
             "train_seconds": sum(r.train_seconds for r in mine),
@@ -45,11 +57,13 @@ def format_table(summary: list[dict], tasks: Sequence[str], groups: Sequence[str
     cols = [*tasks, *(f"mean_{g}" for g in groups), "mean_of_groups"]
     heads = [*tasks, *(g[:6] + ".avg" for g in groups), "mean"]
     widths = [max(7, len(h)) for h in heads]
-    lines = ["method   " + " ".join(h.rjust(w) for h, w in zip(heads, widths)) + "   params   memory  seconds"]
+    name = max(8, *(len(s["method"]) for s in summary))
+    lines = ["method".ljust(name) + " " + " ".join(h.rjust(w) for h, w in zip(heads, widths))
+             + "     params   memory  seconds"]
     for s in summary:
         accs = " ".join(f"{100 * s[c]:.1f}".rjust(w) if c in s else "-".rjust(w) for c, w in zip(cols, widths))
-        lines.append(f"{s['method']:<8} {accs} {s['trainable_parameters']:>8,} {s['memory_bytes'] / 2**20:>6.1f}M "
-                     f"{s['train_seconds']:>8.1f}")
+        lines.append(f"{s['method']:<{name}} {accs} {s['trainable_parameters']:>10,} "
+                     f"{s['memory_bytes'] / 2**20:>7.1f}M {s['train_seconds']:>8.1f}")
     return "\n".join(lines)
 
 
@@ -69,7 +83,7 @@ def plot_accuracy_vs_memory(out: Path, summary: list[dict], memory_label: str) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=150)
-    for s in summary:
+    for s in (s for s in summary if "mean_of_groups" in s):  # methods run on every group
         x, y = s["memory_bytes"] / 2**20, 100 * s["mean_of_groups"]
         ax.scatter([x], [y], s=40)
         ax.annotate(s["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
