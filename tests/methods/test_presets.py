@@ -5,6 +5,7 @@ from qtune.cli import _method_and_config, build_parser
 from qtune.data.benchmarks import VTAB_TASKS
 from qtune.engine.loop import TrainConfig
 from qtune.errors import ConfigError
+from qtune.methods import get_method
 from qtune.methods.presets import SYNQT_VTAB, VQT_GRID, get_preset, preset_names
 
 
@@ -47,7 +48,8 @@ def _args(*extra):
 def test_cli_flags_override_the_preset_which_overrides_the_defaults():
     method, options, cfg = _method_and_config(_args("--preset", "synqt:vtab/clevr_count", "-O", "tokens=2",
                                                     "--epochs", "3", "--decay-all"))
-    assert method == "synqt" and options["tokens"] == 2 and options["feat_scale"] == 0.1
+    assert method == "synqt" and options["tokens"] == "2" and options["feat_scale"] == 0.1
+    assert get_method("synqt").config_class.from_dict(options).tokens == 2  # typed by the method's config
     assert cfg.epochs == 3 and cfg.warmup_epochs == 10 and cfg.decay_all
     method, options, cfg = _method_and_config(_args("--method", "vqt", "--preset", "vqt:vtab/svhn"))
     assert options == {"tokens": 20} and cfg.batch_size == 128 and cfg.optimizer == "adam"

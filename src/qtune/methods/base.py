@@ -11,6 +11,7 @@ from torch import nn
 
 from ..backbones import Backbone, Taps
 from ..errors import ConfigError
+from ..options import option_pairs
 
 
 @dataclass
@@ -28,24 +29,41 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MethodConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        """The one way in for options: JSON values are type-checked, strings (from a command line) converted."""
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
         if unknown:
-            raise ConfigError(f"{cls.__name__}: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-        return cls(**d)
+            raise ConfigError(f"{cls.__name__}: unknown option(s) {', '.join(unknown)} (known: {', '.join(names)})")
+        return cls(**{k: _typed(v, hints[k], k) for k, v in d.items()})
 
     @classmethod
     def from_strings(cls, pairs: list[str]) -> "MethodConfig":
         """Parse ``key=value`` strings, converting each value to its field's type."""
-        hints = typing.get_type_hints(cls)
-        out: dict[str, Any] = {}
-        for pair in pairs:
-            key, sep, raw = pair.partition("=")
-            key = key.strip().replace("-", "_")
-            if not sep or key not in hints:
-                raise ConfigError(f"{cls.__name__}: bad option {pair!r} (known: {', '.join(sorted(hints))})")
-            out[key] = _convert(raw.strip(), hints[key], key)
-        return cls(**out)
+        return cls.from_dict(option_pairs(pairs, cls.__name__))
+
+
+def _typed(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as a ``hint``: a string is converted; anything else must already be of that type."""
+    if isinstance(value, str):
+        return _convert(value, hint, key)
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    kinds = tuple(a for a in args if a is not type(None)) or (hint,)
+    for kind in kinds:
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = not isinstance(kind, type) or isinstance(value, kind)
+        if ok:
+            return float(value) if kind is float else value
+    names = "/".join(getattr(k, "__name__", str(k)) for k in kinds)
+    raise ConfigError(f"option {key}: {value!r} is not a valid {names}")
 
 
 def _convert(raw: str, hint: Any, key: str) -> Any:

@@ -65,19 +65,6 @@ class CombinedConfig(MethodConfig):
         (s_name, s_cls), (q_name, q_cls) = cls.parts
         return cls(stream=s_cls.from_dict(dict(routed[s_name])), side=q_cls.from_dict(dict(routed[q_name])))
 
-    @classmethod
-    def from_strings(cls, pairs: list[str]) -> "CombinedConfig":
-        items = []
-        for pair in pairs:
-            key, sep, raw = pair.partition("=")
-            if not sep:
-                raise ConfigError(f"{'+'.join(p for p, _ in cls.parts)}: bad option {pair!r} (expected key=value)")
-            items.append((key.strip().replace("-", "_"), raw.strip()))
-        routed = cls._route(items)
-        (s_name, s_cls), (q_name, q_cls) = cls.parts
-        return cls(stream=s_cls.from_strings([f"{k}={v}" for k, v in routed[s_name]]),
-                   side=q_cls.from_strings([f"{k}={v}" for k, v in routed[q_name]]))
-
 
 class Combined(Method):
     """A stream method (no head) whose modified stream's K/V feed a side-path method (with its head)."""
