@@ -135,3 +135,111 @@ def test_memory_bad_inputs(capsys):
     assert "--batch-size" in _error(capsys, [*base, "--batch-size", "many"])
     assert "METHOD:KEY=VALUE" in _error(capsys, [*base, "-O", "tokens=3"])
     assert "not among --methods" in _error(capsys, [*base, "--methods", "linear", "-O", "synqt:tokens=3"])
+
+
+@pytest.fixture(scope="module")
+def linear_run(shapes, tmp_path_factory):
+    """A finished one-epoch linear-probe run (its checkpoint for eval and predict)."""
+    tmp = tmp_path_factory.mktemp("linear")
+    assert main(_train(shapes, tmp, method="linear")) == 0
+    return tmp / "run"
+
+
+BAD_INPUTS = [  # (argv after the fixtures are substituted, what the one line must name)
+    (["train", "{base}", "-O", "normalize=maybe", "--method", "vqt"], "normalize"),
+    (["train", "{base}", "-O", "tokens=abc"], "tokens"),
+    (["train", "{base}", "-O", "tokens=2.5"], "tokens"),
+    (["train", "{base}", "-O", "dropout=abc"], "dropout"),
+    (["train", "{base}", "--preset", "synqt:vtab/imagenet"], "synqt:vtab/imagenet"),
+    (["train", "{base}", "--device", "cuda"], "cuda"),
+    (["train", "{base}", "--out", "{file}"], "names a file"),
+    (["eval", "--checkpoint", "{ckpt}", "--data", "{test}", "--device", "cuda"], "cuda"),
+    (["predict", "--checkpoint", "{ckpt}", "--images", "{test}", "--out", "{tmp}"], "names a folder"),
+    (["predict", "--checkpoint", "{ckpt}", "--images", "{test}", "--out", "{file}"], "pass --overwrite"),
+    (["predict", "--checkpoint", "{ckpt}", "--images", "{test}", "--out", "{tmp}/p.csv", "--top-k", "0"], "--top-k"),
+    (["memory", *BACKBONE, "--methods", "vqt", "-O", "vqt:tokens=abc", "--batch-size", "2"], "tokens"),
+    (["data", "make-offline", "{tmp}/bench", "--tasks", "foo"], "foo"),
+    (["demo", "--out", "{file}"], "names a file"),
+]
+
+
+@pytest.mark.parametrize("argv,culprit", BAD_INPUTS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_the_culprit(argv, culprit, shapes, linear_run, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    subs = {"{file}": str(tmp_path / "a_file"), "{ckpt}": str(linear_run / "checkpoint"),
+            "{test}": str(shapes / "test"), "{tmp}": str(tmp_path)}
+    full: list[str] = []
+    for a in argv:
+        if a == "{base}":
+            full += _train(shapes, tmp_path, method="synqt")[1:]
+        else:
+            for k, v in subs.items():
+                a = a.replace(k, v)
+            full.append(a)
+    assert culprit in _error(capsys, full)  # (a flag given twice: argparse keeps the later one)
+    if argv[0] == "train":
+        assert not (tmp_path / "run").exists()  # a failed run leaves no folder behind
+
+
+def test_lora_option_false_is_false():
+    from qtune.methods import create_method
+    from tests.conftest import tiny_backbone
+
+    bb = tiny_backbone()
+    assert create_method("lora", bb, 3, {"mlp": "false"}).config.mlp is False
+    assert create_method("lora", bb, 3, ["mlp=true"]).config.mlp is True
+
+
+def test_corrupt_checkpoint_is_refused(linear_run, shapes, tmp_path, capsys):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(linear_run / "checkpoint", ckpt)
+    data = bytearray((ckpt / "adapter.safetensors").read_bytes())
+    data[-20:] = bytes(b ^ 0xFF for b in data[-20:])  # flip bytes inside the tensor data
+    (ckpt / "adapter.safetensors").write_bytes(bytes(data))
+    err = _error(capsys, ["eval", "--checkpoint", str(ckpt), "--data", str(shapes / "test"), "--quiet"])
+    assert "adapter.safetensors: corrupt" in err
+
+
+def test_predict_top_k_and_overwrite(linear_run, shapes, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    argv = ["predict", "--checkpoint", str(linear_run / "checkpoint"), "--images", str(shapes / "test"),
+            "--out", str(out), "--top-k", "2", "--quiet"]
+    assert main(argv) == 0
+    head, first = out.read_text().splitlines()[:2]
+    assert head == "path,label,class,probability,label_2,class_2,probability_2"
+    p1, p2 = float(first.split(",")[3]), float(first.split(",")[6])
+    assert 0 <= p2 <= p1 <= 1
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_overwrite_is_atomic(shapes, tmp_path, monkeypatch, capsys):
+    from qtune.engine import job
+
+    assert main(_train(shapes, tmp_path, method="linear")) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").glob("*.json")}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "fit", interrupted)
+    assert main(_train(shapes, tmp_path, "--overwrite", method="linear")) == 130
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").glob("*.json")} == before  # the old run, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left
+    assert "metrics.csv" in {p.name for p in (tmp_path / "run").iterdir()}
+
+
+def test_version_and_interrupt_while_starting(monkeypatch, capsys):
+    from qtune import __version__, cli
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"qtune {__version__}"
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["--help"]) == 130
+    assert capsys.readouterr().err.strip() == "qtune: interrupted"

@@ -10,7 +10,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import __version__
 from .errors import ConfigError, QtuneError
+from .options import option_pairs
 
 
 def _kv_pairs(pairs: Sequence[str], what: str) -> dict[str, Any]:
@@ -49,7 +51,7 @@ def _backbone_spec(args: argparse.Namespace):
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from .engine.loop import TrainConfig
+    from .engine.config import TrainConfig  # torch-free, so that --help stays fast
 
     # Defaults stay None here, so that a flag given explicitly wins over a --preset and the preset over the default.
     g = p.add_argument_group("training")
@@ -65,10 +67,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def _method_and_config(args: argparse.Namespace):
     """The method, its options and the TrainConfig of a train command: explicit flags, then --preset, then defaults."""
-    from .engine.loop import TrainConfig
+    from .engine.config import TrainConfig
     from .methods.presets import get_preset
 
-    options = _kv_pairs(args.method_opt, "--method-opt")
+    options: dict[str, Any] = option_pairs(args.method_opt, "--method-opt")  # typed by the method's config
     train: dict[str, Any] = {}
     method = args.method
     if args.preset:
@@ -123,6 +125,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .engine.loop import ImageBatches, TrainConfig, predict
     from .io import atomic_write
 
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"{out}: --out names a folder; give the CSV file to write")
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out}: exists (pass --overwrite to replace it)")
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k: expected a whole number >= 1, got {args.top_k}")
     model, cfg = _load_checkpoint(args)
     folder = Path(args.images)
     if not folder.is_dir():
@@ -136,16 +145,18 @@ def cmd_predict(args: argparse.Namespace) -> None:
                       progress=not args.quiet)
     logits, _ = predict(model, ImageBatches(ImageDataset(listing, model.backbone.preprocessing.transform())), run)
     probs = logits.softmax(1)
+    k = min(args.top_k, probs.shape[1])
+    top_p, top_i = probs.topk(k, dim=1)
+    extra = [f"{name}_{j}" for j in range(2, k + 1) for name in ("label", "class", "probability")]
 
     def write(path: Path) -> None:
         with path.open("w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "label", "class", "probability"])
-            for rel, p in zip(files, probs):
-                k = int(p.argmax())
-                w.writerow([rel, k, cfg["classes"][k], f"{p[k].item():.6f}"])
+            w.writerow(["path", "label", "class", "probability", *extra])
+            for rel, ps, ix in zip(files, top_p.tolist(), top_i.tolist()):
+                w.writerow([rel, *(v for i, p in zip(ix, ps) for v in (i, cfg["classes"][i], f"{p:.6f}"))])
 
-    atomic_write(Path(args.out), write)
+    atomic_write(out, write)
     print(f"{len(files)} predictions written to {args.out}")
 
 
@@ -201,7 +212,7 @@ def cmd_cache_build(args: argparse.Namespace) -> None:
     if args.method:
         if args.blocks is not None:
             raise ConfigError("--blocks and --method both choose the blocks kept: give one")
-        method = create_method(args.method, backbone, 2, _kv_pairs(args.method_opt, "--method-opt"))
+        method = create_method(args.method, backbone, 2, option_pairs(args.method_opt, "--method-opt"))
         if not method.reads_taps:
             raise ConfigError(f"method {args.method!r} trains the stream; it cannot train from a cache")
         blocks = method.blocks_read(backbone)
@@ -244,7 +255,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     run_demo(Path(args.out), methods=args.methods.split(","), tasks=args.tasks.split(",") if args.tasks else None,
              weights=args.weights, quick=args.quick, progress=not args.quiet, epochs=args.epochs,
-             threads=args.threads, jobs=args.jobs, cache_dtype=args.cache_dtype)
+             threads=args.threads, jobs=args.jobs, cache_dtype=args.cache_dtype, overwrite=args.overwrite)
 
 
 def _method_options(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -254,7 +265,7 @@ def _method_options(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
         method, sep, rest = pair.partition(":")
         if not sep or not method:
             raise ConfigError(f"--method-opt: expected METHOD:KEY=VALUE, got {pair!r}")
-        out.setdefault(method.lower(), {}).update(_kv_pairs([rest], "--method-opt"))
+        out.setdefault(method.lower(), {}).update(option_pairs([rest], "--method-opt"))
     return out
 
 
@@ -275,6 +286,7 @@ def cmd_memory(args: argparse.Namespace) -> None:
     from .engine.provenance import provenance
     from .memory import compare_methods, parse_bytes
     from .memory.compare import check_methods
+    from .methods import get_method
     from .report.memory import format_memory, read_accuracies, write_memory
 
     batch = _positive_int(args.batch_size, "--batch-size")
@@ -284,6 +296,9 @@ def cmd_memory(args: argparse.Namespace) -> None:
     max_tokens = _positive_int(args.max_tokens, "--max-tokens")
     accuracies = read_accuracies(Path(args.results)) if args.results else None
     options = _method_options(args.method_opt)
+    for name, opts in options.items():  # typed and range-checked before any measuring starts
+        if name in methods:
+            get_method(name).config_class.from_dict(opts)
     if args.threads:
         torch.set_num_threads(_positive_int(args.threads, "--threads"))
     device = TrainConfig(device=args.device).resolved_device()
@@ -316,6 +331,7 @@ def cmd_data_make_offline(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qtune", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"qtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a method on a dataset and write a run folder")
@@ -379,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--images", required=True, help="folder of images")
             p.add_argument("--out", required=True, help="CSV file to write")
+            p.add_argument("--top-k", type=int, default=1,
+                           help="also write the next k-1 classes with their probabilities (default 1)")
+            p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--device", default="auto")
         p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
@@ -439,16 +458,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="storage of the per-task K/V caches (fp32 trains exactly as live)")
     p.add_argument("--quick", action="store_true", help="fewer epochs and test images")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in --out")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "quiet", False):
-        args.progress = False
     try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "quiet", False):
+            args.progress = False
         args.func(args)
     except QtuneError as e:
         print(f"qtune: error: {e}", file=sys.stderr)

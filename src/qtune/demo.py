@@ -6,6 +6,7 @@ train live on a private copy of the backbone. Runs anywhere: nothing is download
 """
 from __future__ import annotations
 
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -38,8 +39,14 @@ def demo_weights() -> Path:
 def run_demo(out: Path, methods: Sequence[str] = DEMO_METHODS, tasks: Sequence[str] | None = None,
              weights: str | Path | None = None, quick: bool = False, progress: bool = True,
              epochs: int | None = None, threads: int = 1, jobs: int | None = None,
-             cache_dtype: str = "fp32") -> list[dict]:
+             cache_dtype: str = "fp32", overwrite: bool = False) -> list[dict]:
     start = time.perf_counter()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: --out names a file; give a folder for the demo's results")
+    if (out / "summary.json").exists() and not overwrite:
+        raise ConfigError(f"{out}: holds the results of an earlier demo (pass --overwrite to replace them)")
+    if overwrite:  # results kept for resuming belong to the run being replaced
+        shutil.rmtree(out / "runs", ignore_errors=True)
     tasks = list(tasks or OFFLINE_TASKS)
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown:

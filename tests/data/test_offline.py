@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from qtune.data.offline import OFFLINE_TASKS, make_offline_benchmark
+from qtune.errors import ConfigError, DataError
 
 TEST_SIZE = 60
 
@@ -86,12 +87,12 @@ def test_reuse_and_parameter_mismatch(tmp_path: Path) -> None:
     assert make_offline_benchmark(tmp_path, seed=0, tasks=["dsprites_loc"], image_size=16, test_size=20) == [task_dir]
     assert marker.stat().st_mtime_ns == before
     assert not list(tmp_path.glob("*.tmp-*"))
-    with pytest.raises(ValueError, match="dsprites_loc"):
+    with pytest.raises(DataError, match="dsprites_loc"):
         make_offline_benchmark(tmp_path, seed=1, tasks=["dsprites_loc"], image_size=16, test_size=20)
-    with pytest.raises(ValueError, match="test_size"):
+    with pytest.raises(DataError, match="test_size"):
         make_offline_benchmark(tmp_path, seed=0, tasks=["dsprites_loc"], image_size=16, test_size=30)
 
 
 def test_unknown_task_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown offline task"):
+    with pytest.raises(ConfigError, match="unknown offline task"):
         make_offline_benchmark(tmp_path, tasks=["imagenet"])

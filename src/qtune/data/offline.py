@@ -33,6 +33,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import ConfigError, DataError
+from ..io import write_text
+
 GENERATOR_VERSION = 1
 TRAIN_SIZE, VAL_SIZE = 800, 200
 META_NAME = "offline_task.json"
@@ -482,22 +485,15 @@ def _params(task: str, seed: int, image_size: int, test_size: int) -> dict:
     }
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    """Write JSON through a temp file and a rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _check_existing(task_dir: Path, params: dict) -> dict:
     meta_path = task_dir / META_NAME
     if not meta_path.is_file():
-        raise ValueError(f"{task_dir} exists but is not a generated offline task (no {META_NAME}); move it away")
+        raise DataError(f"{task_dir} exists but is not a generated offline task (no {META_NAME}); move it away")
     meta = json.loads(meta_path.read_text())
     stored = {k: meta.get(k) for k in params}
     if stored != params:
         diff = ", ".join(f"{k}: stored {stored[k]!r}, asked {params[k]!r}" for k in params if stored[k] != params[k])
-        raise ValueError(f"{task_dir} was generated with other parameters ({diff}); delete it or use another out_dir")
+        raise DataError(f"{task_dir} was generated with other parameters ({diff}); delete it or use another out_dir")
     return meta
 
 
@@ -548,16 +544,16 @@ def make_offline_benchmark(
     """Write the offline tasks under out_dir in the VTAB-1k list layout and return their folders.
 
     A task folder that already exists with the same parameters is reused; one made with other parameters raises
-    ValueError. Each task is built in `<task>.tmp-XXXX` and renamed into place, so an interrupted call leaves no
+    DataError. Each task is built in `<task>.tmp-XXXX` and renamed into place, so an interrupted call leaves no
     half-written task. `benchmark.json` in out_dir summarises every task generated there.
     """
     out_dir = Path(out_dir)
     names = list(OFFLINE_TASKS) if tasks is None else list(tasks)
     unknown = [t for t in names if t not in ALL_TASKS]
     if unknown:
-        raise ValueError(f"unknown offline task(s) {unknown}; available: {sorted(ALL_TASKS)}")
+        raise ConfigError(f"unknown offline task(s) {', '.join(unknown)} (available: {', '.join(ALL_TASKS)})")
     if image_size < 8 or test_size < 1:
-        raise ValueError(f"need image_size >= 8 and test_size >= 1, got {image_size} and {test_size}")
+        raise ConfigError(f"need image_size >= 8 and test_size >= 1, got {image_size} and {test_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
     summary_path = out_dir / BENCHMARK_JSON
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -579,5 +575,5 @@ def make_offline_benchmark(
             k: meta[k] for k in ("group", "num_classes", "splits", "seed", "image_size", "generator_version")
         }
         dirs.append(task_dir)
-    _write_json(summary_path, summary)
+    write_text(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return dirs

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from ..backbones import Backbone
 from ..errors import CheckpointError
-from ..io import atomic_write, write_json
+from ..io import atomic_write, file_sha256, write_json
 from ..methods import create_method
 from ..tuned import TunedModel
 
@@ -29,6 +29,7 @@ def save_adapter(directory: Path, model: TunedModel, classes: Sequence[str], ext
     atomic_write(directory / TENSORS, lambda p: save_file(tensors, str(p), metadata={"format": "qtune-adapter"}))
     write_json(directory / CONFIG, {
         "format_version": FORMAT_VERSION,
+        "tensors_sha256": file_sha256(directory / TENSORS),
         "method": model.method.name,
         "method_config": model.method.config.to_dict(),
         "num_classes": model.method.num_classes,
@@ -63,6 +64,10 @@ def load_adapter(directory: Path, backbone: Backbone) -> tuple[TunedModel, dict[
             f"{directory}: trained on backbone {want['name']} (weights {want['weights_hash'][:12]}), "
             f"not on {have.name} (weights {have.weights_hash[:12]})")
     model = TunedModel(backbone, create_method(cfg["method"], backbone, cfg["num_classes"], cfg["method_config"]))
+    if not (directory / TENSORS).is_file():
+        raise CheckpointError(f"{directory / TENSORS}: not found")
+    if "tensors_sha256" in cfg and file_sha256(directory / TENSORS) != cfg["tensors_sha256"]:  # older ones have none
+        raise CheckpointError(f"{directory / TENSORS}: corrupt (its sha256 differs from the one recorded in {CONFIG})")
     try:
         tensors = load_file(str(directory / TENSORS))
     except (FileNotFoundError, SafetensorError, OSError) as e:

@@ -3,6 +3,9 @@ and an adapter checkpoint. The CLI and the demo both go through here."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +16,7 @@ import torch
 from ..backbones import Backbone, load_backbone
 from ..data import ImageDataset, Listing, read_split
 from ..errors import ConfigError
-from ..io import write_json
+from ..io import DIR_MODE, write_csv, write_json
 from ..methods import create_method, get_method
 from ..tuned import TunedModel
 from .checkpoint import save_adapter
@@ -78,8 +81,11 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 def train_job(spec: JobSpec, overwrite: bool = False) -> dict[str, Any]:
     """Run one training job end to end; the test split, if any, is evaluated once, after training."""
     out = Path(spec.out_dir)
-    if (out / "result.json").exists() and not overwrite:
-        raise ConfigError(f"{out}: a finished run is already there (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: --out names a file; give a folder for the run")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out}: a run (or other files) is already there (pass --overwrite to replace it)")
+    spec.train.resolved_device()  # no GPU where one is asked for: say so before any loading
     get_method(spec.method)  # fail on an unknown method before any loading
     if spec.stream_blocks and not spec.cache:
         raise ConfigError("--stream-blocks reads K/V from a cache: pass --cache DIR too")
@@ -100,8 +106,31 @@ def train_job(spec: JobSpec, overwrite: bool = False) -> dict[str, Any]:
         datasets.update(served)
         cache_used = {k: k in served for k in splits}
     device = spec.train.resolved_device()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    # The run is written to a hidden sibling and swapped in at the end: an interrupted or failed run leaves the
+    # previous one (or nothing) in place, never a half-written folder.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(work, DIR_MODE)
+    try:
+        result = _train_into(work, spec, model, splits, datasets, device, cache_used)
+        _swap_in(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _swap_in(work: Path, out: Path) -> None:
+    """Replace ``out`` by ``work`` with renames (the old run is moved aside first, then deleted)."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.rename(out, old)
+    os.rename(work, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _train_into(out: Path, spec: JobSpec, model: TunedModel, splits: dict, datasets: dict, device: torch.device,
+                cache_used: dict[str, bool]) -> dict[str, Any]:
+    method, backbone = model.method, model.backbone
     write_json(out / "config.json", {**spec.to_dict(), "method_config": method.config.to_dict(),
                                      "backbone_identity": backbone.identity.to_dict(),
                                      "preprocessing": backbone.preprocessing.to_dict(),
@@ -128,5 +157,6 @@ def train_job(spec: JobSpec, overwrite: bool = False) -> dict[str, Any]:
     weights = str(Path(spec.backbone.weights).resolve()) if spec.backbone.weights else None
     save_adapter(out / "checkpoint", model, splits["train"].classes, extra={"backbone_weights": weights})
     result["provenance"] = provenance(device)
+    write_csv(out / "metrics.csv", history)
     write_json(out / "result.json", result)
     return result

@@ -5,7 +5,6 @@ import math
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
@@ -17,51 +16,11 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..tuned import TunedModel
+from .config import TrainConfig
 
-# timm's "sgd" is Nesterov; the papers use plain momentum. "adam" couples weight decay into the gradient (VQT's).
+# config.OPTIMIZERS / PRECISIONS as timm's optimiser names and autocast dtypes (timm's "sgd" is Nesterov).
 _OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "sgd": "momentum"}
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = field(default=50, metadata={"help": "training epochs"})
-    batch_size: int = field(default=64, metadata={"help": "batch size"})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw, adam or sgd (momentum)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=1e-2, metadata={"help": "weight decay (not applied to biases and norms)"})
-    decay_all: bool = field(default=False, metadata={
-        "help": "decay every trainable tensor, biases and norms too (as the SynQT authors' AdamW does)"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    warmup_epochs: float = field(default=10, metadata={"help": "linear warmup from 0, in epochs"})
-    min_lr: float = field(default=1e-6, metadata={"help": "final learning rate of the half-cycle cosine"})
-    seed: int = field(default=0, metadata={"help": "seed for initialisation, batch order and dropout"})
-    eval_every: int = field(default=0, metadata={"help": "validation accuracy every N epochs (0: never)"})
-    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 autocast"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
-    num_workers: int = field(default=0, metadata={"help": "data-loading worker processes"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
-        if self.optimizer not in _OPTIMIZERS:
-            raise ConfigError(f"optimizer {self.optimizer!r}: choose from {', '.join(_OPTIMIZERS)}")
-        if self.precision not in _PRECISIONS:
-            raise ConfigError(f"precision {self.precision!r}: choose from {', '.join(_PRECISIONS)}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ConfigError("lr must be > 0; weight_decay and warmup_epochs >= 0")
-
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            return torch.device(self.device)
-        except RuntimeError:
-            raise ConfigError(f"device {self.device!r} is not a torch device") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Batches(Protocol):
@@ -156,7 +115,11 @@ def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None
                                     momentum=cfg.momentum, foreach=True, filter_bias_and_bn=not cfg.decay_all)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if warmup >= total:  # a warmup as long as training would never reach the peak learning rate
+        warmup = total // 2
+        print(f"qtune: warmup of {cfg.warmup_epochs:g} epochs is not shorter than training ({cfg.epochs} epochs): "
+              f"warming up over the first half ({warmup} of {total} steps) instead", file=sys.stderr)
     scheduler = CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=cfg.min_lr, warmup_t=warmup,
                                   warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from qtune.io import atomic_write, write_text
+from qtune.io import atomic_write, file_sha256, write_text
 from qtune.pretrain.fractal import FractalDataset
 
 log = logging.getLogger("qtune.pretrain")
@@ -222,14 +221,6 @@ def _backbone_state(model: torch.nn.Module, dtype: str) -> dict[str, torch.Tenso
     return {k: v.detach().to(cast).contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _append_log(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -396,7 +387,7 @@ def _finish(
         },
         "weights": {
             "file": paths["out"].name,
-            "sha256": _sha256(paths["out"]),
+            "sha256": file_sha256(paths["out"]),
             "bytes": paths["out"].stat().st_size,
             "dtype": config.save_dtype,
             "num_params": n_params,

@@ -1,0 +1,63 @@
+"""The training schedule and device, without importing torch: the command line builds its flags from it."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+# The papers use plain momentum SGD; "adam" couples weight decay into the gradient (VQT's), "adamw" decouples it.
+OPTIMIZERS = ("adamw", "adam", "sgd")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=50, metadata={"help": "training epochs"})
+    batch_size: int = field(default=64, metadata={"help": "batch size"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw, adam or sgd (momentum)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "weight decay (not applied to biases and norms)"})
+    decay_all: bool = field(default=False, metadata={
+        "help": "decay every trainable tensor, biases and norms too (as the SynQT authors' AdamW does)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    warmup_epochs: float = field(default=10, metadata={"help": "linear warmup from 0, in epochs"})
+    min_lr: float = field(default=1e-6, metadata={"help": "final learning rate of the half-cycle cosine"})
+    seed: int = field(default=0, metadata={"help": "seed for initialisation, batch order and dropout"})
+    eval_every: int = field(default=0, metadata={"help": "validation accuracy every N epochs (0: never)"})
+    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 autocast"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    num_workers: int = field(default=0, metadata={"help": "data-loading worker processes"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ConfigError("lr must be > 0; weight_decay and warmup_epochs >= 0")
+
+    def resolved_device(self) -> torch.device:
+        """The device asked for; "cuda" on a machine without a CUDA GPU is a one-line error, not a traceback."""
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device {self.device!r} is not a torch device") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r}: no CUDA GPU is available here (use --device cpu or auto)")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+        return device
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
