@@ -1,4 +1,5 @@
 """The command line: each bad input is one line naming the culprit, exit code 2, no traceback."""
+import json
 import subprocess
 import sys
 
@@ -243,3 +244,32 @@ def test_version_and_interrupt_while_starting(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert main(["--help"]) == 130
     assert capsys.readouterr().err.strip() == "qtune: interrupted"
+
+
+def test_weights_folder_names_the_backbone(shapes, tmp_path, capsys):
+    from qtune.backbones import demo_weights
+
+    argv = ["train", "--weights", "demo", "--method", "linear", "--train", str(shapes / "train"), "--epochs", "1",
+            "--warmup-epochs", "0", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 0  # no --backbone: the folder's config.json names it
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["backbone"]["weights"] == str(demo_weights())
+    err = _error(capsys, [*argv, "--backbone", "vit_base_patch16_224", "--overwrite"])
+    assert "demo_vit: holds a" in err and "not a vit_base_patch16_224" in err
+
+
+def test_methods_lists_each_methods_options(capsys):
+    assert main(["methods", "--options", "lora"]) == 0
+    out = capsys.readouterr().out
+    assert "mlp" in out and "bool" in out and "also adapt the MLP" in out
+    assert main(["methods", "--options", "vpt_deep+synqt"]) == 0
+    out = capsys.readouterr().out
+    assert "vpt_deep.tokens" in out and "synqt.attn_scale" in out and "default 0.1" in out
+
+
+def test_methods_counts_are_the_models(capsys):
+    assert main(["methods", *BACKBONE, "--num-classes", "10"]) == 0
+    rows = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()[2:]}
+    dim = TINY["embed_dim"]
+    assert rows["linear"] == f"{dim * 10 + 10:,}"  # the head alone
+    assert rows["vqt"] == f"{TINY['depth'] * dim + (dim * (TINY['depth'] + 1)) * 10 + 10:,}"  # a query per block

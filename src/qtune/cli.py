@@ -29,10 +29,12 @@ def _kv_pairs(pairs: Sequence[str], what: str) -> dict[str, Any]:
     return out
 
 
-def _add_backbone_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", required=required, help="timm model name, e.g. vit_base_patch16_224")
-    g.add_argument("--weights", help="local weights: .safetensors/.pth/.bin/.npz, or a folder in timm's hub layout")
+    g.add_argument("--backbone", help="timm model name, e.g. vit_base_patch16_224 (optional when --weights is a "
+                                      "folder whose config.json names it)")
+    g.add_argument("--weights", help="local weights: .safetensors/.pth/.bin/.npz, a folder in timm's hub layout, or "
+                                     "'demo' (the small ViT shipped with qtune)")
     g.add_argument("--pretrained", action="store_true", help="fetch the hub weights of --backbone (needs a network)")
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="timm constructor argument (img_size=32, depth=4, global_pool=avg, ...)")
@@ -43,7 +45,11 @@ def _add_backbone_args(p: argparse.ArgumentParser, required: bool = True) -> Non
 
 
 def _backbone_spec(args: argparse.Namespace):
+    from .backbones import demo_weights
     from .engine.job import BackboneSpec
+
+    if args.weights == "demo":  # recorded as the real folder, so that checkpoints and caches point at it
+        args.weights = str(demo_weights())
 
     prep = {"input_size": args.input_size, "interpolation": args.interpolation, "mean": args.mean, "std": args.std}
     return BackboneSpec(args.backbone, args.weights, args.pretrained, _kv_pairs(args.model_arg, "--model-arg"),
@@ -160,11 +166,34 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"{len(files)} predictions written to {args.out}")
 
 
+def _option_lines(config_class: type, prefix: str = "") -> list[str]:
+    """One line per option of a method config: name, type, default, help (combinations: each part's, prefixed)."""
+    import dataclasses
+    import typing
+
+    from .methods.combined import CombinedConfig
+
+    if issubclass(config_class, CombinedConfig):
+        return [line for part, cls in config_class.parts for line in _option_lines(cls, f"{part}.")]
+    hints = typing.get_type_hints(config_class)
+    lines = []
+    for f in dataclasses.fields(config_class):
+        kind = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
+        lines.append(f"  {prefix + f.name:<28} {kind:<12} default {f.default!s:<10} {f.metadata.get('help', '')}")
+    return lines
+
+
 def cmd_methods(args: argparse.Namespace) -> None:
     import torch
 
     from .methods import create_method, get_method, method_names
     from .tuned import TunedModel
+
+    if args.options:
+        cls = get_method(args.options)
+        print(f"{cls.name}: {cls.summary}\noptions (-O KEY=VALUE):")
+        print("\n".join(_option_lines(cls.config_class)))
+        return
 
     backbone = _backbone_spec(args).load()
     print(f"{backbone.identity.name}: depth {backbone.depth}, width {backbone.dim}, {args.num_classes} classes")
@@ -340,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", metavar="METHOD:vtab/TASK",
                    help="a paper's options and recipe for a VTAB-1k task, e.g. synqt:vtab/dsprites_loc or "
                         "vqt:vtab/svhn (docs/methods.md); -O and training flags override it")
-    p.add_argument("-O", "--method-opt", action="append", default=[], metavar="KEY=VALUE", help="method option")
+    p.add_argument("-O", "--method-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, typed by the method (list them: qtune methods --options METHOD)")
     p.add_argument("--train", required=True, help="training split: image folder or list file")
     p.add_argument("--val", help="validation split (monitoring; never used to select on test)")
     p.add_argument("--test", help="test split, evaluated once after training")
@@ -404,9 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("methods", help="list the methods with their trainable parameter counts on a backbone")
+    p = sub.add_parser("methods", help="list the methods with their trainable parameter counts on a backbone",
+                       epilog="examples: qtune methods --weights demo; qtune methods --backbone vit_base_patch16_224; "
+                              "qtune methods --options synqt")
     _add_backbone_args(p)
     p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--options", metavar="METHOD", help="list METHOD's options (-O) with defaults and meanings")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("memory", help="measured training memory per method; budget fitting; inference cost")

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import shutil
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from .backbones import load_backbone
+from .backbones import demo_weights, load_backbone
 from .data.offline import ALL_TASKS, OFFLINE_TASKS, make_offline_benchmark
 from .engine.loop import TrainConfig
 from .errors import ConfigError
@@ -29,11 +28,6 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "synqt": [{"lr": 3e-3, "weight_decay": 1e-2}, {"lr": 1e-3, "weight_decay": 1e-2}],
 }
 DEFAULT_GRID = [{"lr": 1e-3, "weight_decay": 1e-2}, {"lr": 1e-4, "weight_decay": 1e-2}]
-
-
-def demo_weights() -> Path:
-    """The shipped demo backbone: a folder in timm's hub layout (model.safetensors + config.json)."""
-    return Path(str(resources.files("qtune") / "assets" / "demo_vit"))
 
 
 def run_demo(out: Path, methods: Sequence[str] = DEMO_METHODS, tasks: Sequence[str] | None = None,
@@ -54,7 +48,7 @@ def run_demo(out: Path, methods: Sequence[str] = DEMO_METHODS, tasks: Sequence[s
     for m in methods:
         get_method(m)
     jobs = max(1, min(jobs or default_jobs(), len(tasks)))
-    weights = Path(weights) if weights else demo_weights()
+    weights = demo_weights() if weights in (None, "demo") else Path(weights)
     print(f"qtune demo: backbone {weights}, tasks {', '.join(tasks)}, methods {', '.join(methods)}; "
           f"{jobs} task(s) at a time, {threads} torch thread(s) each, {cache_dtype} caches")
     load_backbone(None, weights)  # a bad backbone fails here, before any work

@@ -14,9 +14,16 @@ from .taps import Taps
 from .vit import Backbone, BackboneIdentity, QueryOutput
 from .weights import load_into, weights_hash
 
-__all__ = ["Backbone", "BackboneIdentity", "QueryOutput", "Taps", "load_backbone"]
+__all__ = ["Backbone", "BackboneIdentity", "QueryOutput", "Taps", "demo_weights", "load_backbone"]
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def demo_weights() -> Path:
+    """The demo backbone shipped in the package (``--weights demo``): a folder in timm's hub layout."""
+    from importlib import resources
+
+    return Path(str(resources.files("qtune") / "assets" / "demo_vit"))
 
 
 def _resolve_weights_dir(path: Path) -> tuple[Path, dict[str, Any]]:
@@ -42,7 +49,8 @@ def load_backbone(
 
     name: a timm model name (``vit_base_patch16_224``, optionally with a ``.tag`` selecting the pretrained config);
         may be omitted when ``weights`` is a folder whose config.json names the architecture.
-    weights: a local file (.safetensors/.pth/.bin/.npz) or a folder in timm's hub layout. Without it, the weights
+    weights: a local file (.safetensors/.pth/.bin/.npz), a folder in timm's hub layout (whose config.json names the
+        architecture, so ``name`` may be omitted), or ``"demo"`` for the shipped demo backbone. Without it, the weights
         are random (seeded by ``init_seed``, so the identity is reproducible) unless ``pretrained`` asks timm for
         the hub weights, which needs a network.
     model_args: keyword arguments for the timm constructor (img_size, depth, global_pool, ...).
@@ -50,10 +58,15 @@ def load_backbone(
     """
     model_args = dict(model_args or {})
     pretrained_cfg: dict[str, Any] | None = None
-    weights_path = Path(weights) if weights is not None else None
+    weights_path = demo_weights() if weights == "demo" else Path(weights) if weights is not None else None
     if weights_path is not None and weights_path.is_dir():
-        weights_path, cfg = _resolve_weights_dir(weights_path)
-        name = name or cfg.get("architecture")
+        folder = weights_path
+        weights_path, cfg = _resolve_weights_dir(folder)
+        arch = cfg.get("architecture")
+        if name and arch and name.split(".")[0] != arch.split(".")[0]:
+            raise WeightsError(f"{folder}: holds a {arch} (its config.json), not a {name}: drop --backbone or give "
+                               f"weights of that architecture")
+        name = name or arch
         pretrained_cfg = cfg.get("pretrained_cfg")
         model_args = {**cfg.get("model_args", {}), **model_args}  # the folder's architecture, then the caller's
     if weights_path is not None and not weights_path.exists():
