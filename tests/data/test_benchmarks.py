@@ -109,3 +109,13 @@ def test_data_check_reports_and_names_unreadable_images(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "missing")]) == 2
     assert "data path not found" in capsys.readouterr().err
     assert check_dataset(make_fgvc(tmp_path / "f")).layout == "few-shot FGVC lists"
+
+
+def test_check_reports_class_names_and_counts_per_split(shapes, capsys):
+    report = check_dataset(shapes)  # a parent of train/val/test image folders
+    assert report.layout.startswith("split folders (train, val, test)")
+    assert report.splits == {"train": 160, "val": 40, "test": 80}
+    assert [report.per_class["val"][k] for k in range(4)] == [10] * 4
+    text = "\n".join(report.lines())
+    for name in report.classes:
+        assert f"    {name}" in text
