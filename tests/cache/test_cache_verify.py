@@ -2,6 +2,7 @@
 import os
 
 import numpy as np
+import torch
 import pytest
 from safetensors.torch import save_file
 
@@ -117,3 +118,17 @@ def test_incomplete_cache(vtab, tmp_path):
         build(tmp_path / "c", vtab, on_chunk=stop)
     with pytest.raises(CacheIncompleteError, match="incomplete cache.*run `qtune cache build` again to resume"):
         verify_cache(tmp_path / "c")
+
+
+def test_training_never_reads_a_chunk_that_fails_its_checksum(cache_dir, vtab):
+    arr = np.load(cache_dir / block_file(1), mmap_mode="r")
+    offset = arr.offset + 3 * arr[0].nbytes + 5  # a byte of row 3, in chunk 0
+    del arr
+    _flip(cache_dir / block_file(1), offset)
+    bb = tiny_backbone()
+    model = TunedModel(bb, create_method("vqt", bb, 4))
+    served, _ = cached_splits(cache_dir, model, {"train": read_split(vtab / "trainval.txt")})
+    order = list(range(len(served["train"])))
+    batches = served["train"].iterate(order, 8, torch.device("cpu"))
+    with pytest.raises(CacheCorruptError, match=rf"{block_file(1)}: corrupted, chunk 0"):
+        next(batches)

@@ -37,7 +37,7 @@ from .manifest import (
     DatasetRows,
     backbone_key,
     block_file,
-    digest,
+    chunk_digest,
     file_digest,
     key_difference,
     key_of,
@@ -87,7 +87,7 @@ def _chunk_range(plan: dict[str, Any], c: int) -> tuple[int, int]:
 
 
 def _chunk_digests(arrays: dict[str, np.ndarray], start: int, end: int) -> dict[str, str]:
-    return {name: digest(memoryview(np.ascontiguousarray(a[start:end])).cast("B")) for name, a in arrays.items()}
+    return {name: chunk_digest(a, start, end) for name, a in arrays.items()}
 
 
 def _open_arrays(out: Path, plan: dict[str, Any], mode: str) -> dict[str, np.ndarray]:

@@ -68,6 +68,11 @@ def digest(data: Any) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def chunk_digest(array: np.ndarray, start: int, end: int) -> str:
+    """The checksum of rows start..end-1 of a cache array, as recorded when the chunk was written."""
+    return digest(memoryview(np.ascontiguousarray(array[start:end])).cast("B"))
+
+
 def file_digest(path: Path, block_bytes: int = 1 << 22) -> str:
     h = hashlib.blake2b(digest_size=16)
     with path.open("rb") as f:

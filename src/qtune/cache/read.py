@@ -25,6 +25,7 @@ from .manifest import (
     DatasetRows,
     backbone_key,
     block_file,
+    chunk_digest,
     file_changed,
     file_digest,
     from_storage,
@@ -56,6 +57,7 @@ class TapCache:
         self.rows = DatasetRows.from_dict(read_json(self.path / ROWS, "row table"))
         self._index: dict[str, int] | None = None
         self._arrays: dict[str, np.ndarray] = {}
+        self._checked: set[tuple[str, int]] = set()  # (file, chunk) whose checksum this process has verified
         self._lock = threading.Lock()  # arrays are opened on first use, possibly from a prefetch thread
 
     # -- what it holds --
@@ -138,7 +140,22 @@ class TapCache:
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self._gather(POOLED, rows, device, dtype)
 
+    def check_chunk(self, name: str, chunk: int) -> None:
+        """CacheCorruptError unless the chunk's bytes match the checksum recorded when it was written."""
+        size, n = self.manifest["chunking"]["rows_per_chunk"], self.num_rows
+        start, end = chunk * size, min((chunk + 1) * size, n)
+        if chunk_digest(self.array(name), start, end) != self.manifest["digests"][name][chunk]:
+            raise CacheCorruptError(f"{self.path / name}: corrupted, chunk {chunk} (rows {start}-{end - 1}) fails "
+                                    "its checksum")
+        with self._lock:
+            self._checked.add((name, chunk))
+
     def _gather(self, name: str, rows: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        # Each chunk is verified the first time this process reads from it: one pass over the cache's bytes per run,
+        # and no training on bytes that fail their checksum.
+        for chunk in np.unique(rows // self.manifest["chunking"]["rows_per_chunk"]).tolist():
+            if (name, chunk) not in self._checked:
+                self.check_chunk(name, chunk)
         t = from_storage(self.array(name)[rows], self.dtype)  # numpy fancy index: one copy of the batch's rows
         return t.to(device=device, dtype=dtype)
 
