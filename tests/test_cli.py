@@ -227,7 +227,7 @@ def test_overwrite_is_atomic(shapes, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(job, "fit", interrupted)
     assert main(_train(shapes, tmp_path, "--overwrite", method="linear")) == 130
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").glob("*.json")} == before  # the old run, whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.partial", "run"]  # what --resume would continue
     assert "metrics.csv" in {p.name for p in (tmp_path / "run").iterdir()}
 
 
@@ -273,3 +273,43 @@ def test_methods_counts_are_the_models(capsys):
     dim = TINY["embed_dim"]
     assert rows["linear"] == f"{dim * 10 + 10:,}"  # the head alone
     assert rows["vqt"] == f"{TINY['depth'] * dim + (dim * (TINY['depth'] + 1)) * 10 + 10:,}"  # a query per block
+
+
+KILL_AT_EPOCH = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)  # as in this test process: another thread count rounds differently
+from qtune.engine import loop
+from qtune.cli import main
+real_fit = loop.fit
+def fit(*args, on_epoch=None, **kw):
+    def die(record):
+        on_epoch(record)
+        if record["epoch"] == int(sys.argv[1]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_fit(*args, on_epoch=die, **kw)
+import qtune.engine.job as job
+job.fit = fit
+main(sys.argv[2:])
+"""
+
+
+def test_killed_run_resumes_to_the_same_weights(shapes, tmp_path):
+    import random
+
+    from safetensors.torch import load_file
+
+    argv = _train(shapes, tmp_path, "--epochs", "4", "-O", "tokens=2", method="synqt")
+    whole = [a if a != str(tmp_path / "run") else str(tmp_path / "whole") for a in argv]
+    assert main(whole) == 0
+    kill_at = random.Random().randint(1, 3)
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_EPOCH, str(kill_at), *argv], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr  # killed, mid-run
+    assert not (tmp_path / "run").exists() and (tmp_path / ".run.partial" / "train_state.pt").is_file()
+    assert main([*argv, "--resume"]) == 0
+    a = load_file(tmp_path / "whole" / "checkpoint" / "adapter.safetensors")
+    b = load_file(tmp_path / "run" / "checkpoint" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"killed after epoch {kill_at}"
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]
+    assert not (tmp_path / ".run.partial").exists() and not (tmp_path / "run" / "train_state.pt").exists()

@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     args.method = method
     spec = JobSpec(_backbone_spec(args), DataSpec(args.train, args.val, args.test, args.num_classes, args.data_root),
                    method, options, train_cfg, args.out, cache=args.cache, stream_blocks=args.stream_blocks)
-    result = train_job(spec, overwrite=args.overwrite)
+    result = train_job(spec, overwrite=args.overwrite, resume=args.resume)
     acc = " ".join(f"{k}={result[k]:.4f}" for k in ("val_accuracy", "test_accuracy") if k in result)
     print(f"{args.method}: {result['trainable_parameters']:,} trainable parameters, "
           f"{result['train_seconds']:.1f} s, {acc or 'no evaluation split'}; run written to {args.out}")
@@ -378,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="number of classes (default: from the data)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run (same command) from its last finished epoch, to the same weights")
     p.add_argument("--cache", metavar="DIR", help="read K/V from this TapCache where it matches (else trace live)")
     p.add_argument("--stream-blocks", action="store_true",
                    help="with --cache: read one block's K/V at a time, checkpointed (memory flat in depth)")

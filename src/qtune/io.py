@@ -18,7 +18,6 @@ def _umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file; mkstemp's own is 0600
-DIR_MODE = 0o777 & ~_umask()  # what mkdir() would give a new folder; mkdtemp's own is 0700
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from ..backbones import Backbone, load_backbone
 from ..data import ImageDataset, Listing, read_split
 from ..errors import ConfigError
-from ..io import DIR_MODE, write_csv, write_json
+from ..io import write_csv, write_json, write_text
 from ..methods import create_method, get_method
 from ..tuned import TunedModel
 from .checkpoint import save_adapter
@@ -78,13 +77,29 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def train_job(spec: JobSpec, overwrite: bool = False) -> dict[str, Any]:
-    """Run one training job end to end; the test split, if any, is evaluated once, after training."""
+STATE = "train_state.pt"  # in the partial folder only: what a resumed run continues from
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a run is written until it finishes: a hidden sibling of its folder."""
+    return out.with_name(f".{out.name}.partial")
+
+
+def train_job(spec: JobSpec, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Run one training job end to end; the test split, if any, is evaluated once, after training.
+
+    The run is written to a hidden sibling folder and swapped in at the end, so an interrupted or failed run leaves
+    the previous one (or nothing) in place. ``resume`` continues an interrupted run with the same settings from its
+    last finished epoch, to the same final weights.
+    """
     out = Path(spec.out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: --out names a file; give a folder for the run")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out}: a run (or other files) is already there (pass --overwrite to replace it)")
+    work = partial_dir(out)
+    if resume and not (work / STATE).is_file():
+        raise ConfigError(f"{out}: no interrupted run to resume (nothing in {work})")
     spec.train.resolved_device()  # no GPU where one is asked for: say so before any loading
     get_method(spec.method)  # fail on an unknown method before any loading
     if spec.stream_blocks and not spec.cache:
@@ -106,16 +121,22 @@ def train_job(spec: JobSpec, overwrite: bool = False) -> dict[str, Any]:
         datasets.update(served)
         cache_used = {k: k in served for k in splits}
     device = spec.train.resolved_device()
-    # The run is written to a hidden sibling and swapped in at the end: an interrupted or failed run leaves the
-    # previous one (or nothing) in place, never a half-written folder.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(work, DIR_MODE)
-    try:
-        result = _train_into(work, spec, model, splits, datasets, device, cache_used)
-        _swap_in(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    config = {**spec.to_dict(), "method_config": method.config.to_dict(),
+              "backbone_identity": backbone.identity.to_dict(), "preprocessing": backbone.preprocessing.to_dict(),
+              "classes": list(splits["train"].classes)}
+    if resume:
+        before = json.loads((work / "config.json").read_text())
+        changed = sorted(k for k in config if json.dumps(config[k], default=str) != json.dumps(before.get(k)))
+        if changed:
+            raise ConfigError(f"{out}: the interrupted run had other settings ({', '.join(changed)}); "
+                              f"run without --resume to start again")
+    else:
+        shutil.rmtree(work, ignore_errors=True)  # an interrupted run that is not resumed starts again
+        work.mkdir(parents=True)
+        write_json(work / "config.json", config)
+    result = _train_into(work, spec, model, splits, datasets, device, cache_used)
+    (work / STATE).unlink()
+    _swap_in(work, out)
     return result
 
 
@@ -130,17 +151,14 @@ def _swap_in(work: Path, out: Path) -> None:
 
 def _train_into(out: Path, spec: JobSpec, model: TunedModel, splits: dict, datasets: dict, device: torch.device,
                 cache_used: dict[str, bool]) -> dict[str, Any]:
-    method, backbone = model.method, model.backbone
-    write_json(out / "config.json", {**spec.to_dict(), "method_config": method.config.to_dict(),
-                                     "backbone_identity": backbone.identity.to_dict(),
-                                     "preprocessing": backbone.preprocessing.to_dict(),
-                                     "classes": list(splits["train"].classes)})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     history = fit(model, datasets["train"], spec.train, datasets.get("val"),
-                  on_epoch=lambda r: _append_jsonl(out / "metrics.jsonl", r))
+                  on_epoch=lambda r: _append_jsonl(out / "metrics.jsonl", r), state=out / STATE)
     train_seconds = time.perf_counter() - start
+    # the history is the record, also across a resume (which may have repeated a line of the interrupted epoch)
+    write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     result: dict[str, Any] = {
         "method": spec.method,
         "trainable_parameters": model.num_trainable(),

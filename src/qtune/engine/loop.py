@@ -5,6 +5,7 @@ import math
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..io import atomic_write
 from ..tuned import TunedModel
 from .config import TrainConfig
 
@@ -103,9 +105,19 @@ def evaluate(model: TunedModel, batches: Batches, cfg: TrainConfig, desc: str = 
             "loss": F.cross_entropy(logits, labels).item(), "n": len(labels)}
 
 
+def _save_state(path: Path, **state: Any) -> None:
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
 def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None = None,
-        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Train ``model``'s trainable parameters; returns per-epoch records (also passed to ``on_epoch``)."""
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        state: Path | None = None) -> list[dict[str, Any]]:
+    """Train ``model``'s trainable parameters; returns per-epoch records (also passed to ``on_epoch``).
+
+    With ``state``, everything the rest of the run depends on (trainable tensors, optimiser, schedule, RNG, history)
+    is written there atomically after every epoch, and a run that finds the file continues after its last epoch:
+    killed at any moment and run again, it ends with the same weights as an uninterrupted run.
+    """
     device = cfg.resolved_device()
     model.to(device)
     if not model.trainable_parameters():
@@ -123,10 +135,20 @@ def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None
     scheduler = CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=cfg.min_lr, warmup_t=warmup,
                                   warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
-    history = []
-    step = 0
-    bar = tqdm(total=total, desc="train", disable=not cfg.progress, dynamic_ncols=True)
-    for epoch in range(cfg.epochs):
+    history: list[dict[str, Any]] = []
+    step = first = 0
+    if state is not None and state.is_file():
+        saved = torch.load(state, map_location=device, weights_only=False)
+        model.load_state_dict(saved["trainable"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        history, step, first = saved["history"], saved["step"], saved["epoch"]
+    bar = tqdm(total=total, initial=step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    for epoch in range(first, cfg.epochs):
         model.train()
         start, loss_sum, seen = time.perf_counter(), 0.0, 0
         for inputs, y in train.iterate(epoch_order(len(train), cfg.seed, epoch), cfg.batch_size, device):
@@ -149,6 +171,12 @@ def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None
             record["val_accuracy"] = evaluate(model, val, cfg, "val")["accuracy"]
             bar.set_postfix(epoch=epoch + 1, loss=f"{record['train_loss']:.3f}", val=f"{record['val_accuracy']:.3f}")
         history.append(record)
+        if state is not None:
+            _save_state(state, trainable={n: p.detach() for n, p in model.trainable_parameters().items()},
+                        optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=torch.get_rng_state(),
+                        cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        history=history, step=step, epoch=epoch + 1)
         if on_epoch is not None:
             on_epoch(record)
     bar.close()
