@@ -30,7 +30,7 @@ def test_train_eval_predict(shapes, tmp_path, capsys):
     assert main(_train(shapes, tmp_path, "-O", "tokens=2")) == 0
     captured = capsys.readouterr()
     assert "run written to" in captured.out
-    assert "qtune cache build --method synqt" in captured.err  # a side path told once that a cache would help
+    assert "qtune cache build --method synqt" in captured.out  # a side path told once that a cache would help
     ckpt = str(tmp_path / "run" / "checkpoint")
     assert main(["eval", "--checkpoint", ckpt, "--data", str(shapes / "test"), "--quiet"]) == 0
     assert "accuracy" in capsys.readouterr().out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -127,8 +126,7 @@ def train_job(spec: JobSpec, overwrite: bool = False, resume: bool = False) -> d
         cache_used = {k: k in served for k in splits}
     if model.reads_taps and not spec.cache and spec.train.epochs > 1:
         print(f"qtune: {spec.method} reads only the frozen stream, traced here once per epoch ({spec.train.epochs} "
-              f"passes); `qtune cache build --method {spec.method} ...` then --cache DIR trains from one pass",
-              file=sys.stderr)
+              f"passes); `qtune cache build --method {spec.method} ...` then --cache DIR trains from one pass")
     device = spec.train.resolved_device()
     config = {**spec.to_dict(), "method_config": method.config.to_dict(),
               "backbone_identity": backbone.identity.to_dict(), "preprocessing": backbone.preprocessing.to_dict(),
