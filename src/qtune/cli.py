@@ -205,14 +205,6 @@ def cmd_methods(args: argparse.Namespace) -> None:
         print(f"{name:<{width}} {kind:<7} {n:>12,}  {cls.summary}")
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return ""
-
-
 def _blocks_text(blocks: Sequence[int], depth: int) -> str:
     if not blocks:
         return f"no blocks (pooled feature only) of {depth}"
@@ -226,6 +218,7 @@ def cmd_cache_build(args: argparse.Namespace) -> None:
 
     from .cache import DatasetRows, build_cache, parse_blocks, plan_cache, read_listings
     from .engine.loop import TrainConfig
+    from .memory.units import format_bytes
     from .methods import create_method
 
     spec = _backbone_spec(args)
@@ -246,7 +239,7 @@ def cmd_cache_build(args: argparse.Namespace) -> None:
                       args.chunk_rows)
     n, per = plan["rows"]["count"], plan["bytes_per_sample"]
     print(f"cache {args.out}: {n} images, {_blocks_text(blocks, backbone.depth)}, {args.dtype}: "
-          f"{_size(per)} per image, {_size(n * per)} on disk")
+          f"{format_bytes(per)} per image, {format_bytes(n * per)} on disk")
     try:
         report = build_cache(args.out, backbone, listings, dtype=args.dtype, blocks=blocks,
                              batch_size=args.batch_size, chunk_rows=args.chunk_rows, content_hash=args.content_hash,
@@ -260,18 +253,19 @@ def cmd_cache_build(args: argparse.Namespace) -> None:
         print(f"cache {args.out}: already built with the same key, nothing to do")
     else:
         resumed = f", resumed at chunk {report.resumed_at_chunk}" if report.resumed_at_chunk else ""
-        print(f"cache {args.out}: done in {m['build_seconds']:.1f} s{resumed}; {_size(m['bytes'])} on disk")
+        print(f"cache {args.out}: done in {m['build_seconds']:.1f} s{resumed}; {format_bytes(m['bytes'])} on disk")
 
 
 def cmd_cache_verify(args: argparse.Namespace) -> None:
     from .cache import verify_cache
+    from .memory.units import format_bytes
 
     r = verify_cache(args.cache, checksums=not args.quick, weights=not args.skip_weights, weights_file=args.weights,
                      progress=not args.quiet)
     checked = [k for k, v in (("checksums", r["checksums_checked"]), ("dataset", r["dataset_checked"]),
                               ("weights", r["weights_checked"])) if v]
     print(f"{args.cache}: ok, {r['rows']} images, {r['backbone']}, {_blocks_text(r['blocks'], r['depth'])}, "
-          f"{r['dtype']}, {_size(r['bytes_per_sample'])} per image, {_size(r['bytes'])} on disk; "
+          f"{r['dtype']}, {format_bytes(r['bytes_per_sample'])} per image, {format_bytes(r['bytes'])} on disk; "
           f"checked: {', '.join(checked)}")
 
 

@@ -72,6 +72,7 @@ def test_train_job_with_a_cache_writes_the_live_run_checkpoint(cache_dir, vtab, 
         return JobSpec(BackboneSpec(TINY_NAME, model_args=TINY), data, "synqt", {}, cfg, str(out), **kw)
 
     live = train_job(spec(tmp_path / "live"))
+    assert "qtune cache build" in capsys.readouterr().out  # the live run is told what a cache would save
     cached = train_job(spec(tmp_path / "cached", cache=str(cache_dir), stream_blocks=True))
     assert cached["cache_used"] == {"train": True, "val": True, "test": True}
     assert capsys.readouterr().out == ""  # nothing fell back

@@ -52,7 +52,7 @@ def test_checkpoint_round_trip_and_identity_check(shapes, tmp_path):
     torch.testing.assert_close(first, again, rtol=0, atol=0)
 
     other = load_backbone(TINY_NAME, model_args=TINY, init_seed=3)
-    with pytest.raises(CheckpointError, match="trained on backbone"):
+    with pytest.raises(CheckpointError, match="trained on another backbone: backbone weights changed"):
         load_adapter(tmp_path / "run" / "checkpoint", other)
 
 

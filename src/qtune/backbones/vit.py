@@ -6,6 +6,7 @@ supervised, MAE, DINO, MoCo v3, CLIP, and LayerScale / qk-norm variants.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple, Sequence
 
@@ -39,6 +40,21 @@ class BackboneIdentity:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "weights_hash": self.weights_hash, "model_args": self.model_args}
+
+
+def identity_difference(recorded: dict[str, Any], now: dict[str, Any], where: str) -> str | None:
+    """How the backbone recorded ``where`` (e.g. "in the cache") differs from the one ``now``, in words; None if the
+    same. The one comparison of backbone identities (name, weights hash, model arguments) that caches and
+    checkpoints make."""
+    if recorded["name"] != now["name"]:
+        return f"backbone {recorded['name']} {where}, not {now['name']}"
+    if recorded["weights_hash"] != now["weights_hash"]:
+        return (f"backbone weights changed (hash {recorded['weights_hash'][:12]} {where}, "
+                f"{now['weights_hash'][:12]} now)")
+    if json.dumps(recorded.get("model_args", {}), sort_keys=True) != json.dumps(now.get("model_args", {}),
+                                                                                sort_keys=True):
+        return f"backbone arguments {recorded.get('model_args')} {where}, {now.get('model_args')} now"
+    return None
 
 
 def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from ..backbones import Backbone
 from ..data import ImageDataset, Listing
 from ..errors import CacheError
-from ..io import write_json, write_text
+from ..io import append_jsonl, write_json, write_text
 from .manifest import (
     DTYPES,
     FORMAT,
@@ -107,13 +106,6 @@ def _open_arrays(out: Path, plan: dict[str, Any], mode: str) -> dict[str, np.nda
 def _remove_build_files(out: Path) -> None:
     for p in [out / MANIFEST, out / PLAN, out / PROGRESS, out / ROWS, out / POOLED, *out.glob("block_*.npy")]:
         p.unlink(missing_ok=True)
-
-
-def _append_progress(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _resume_point(out: Path, plan: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]] | None:
@@ -203,7 +195,7 @@ def build_cache(out: str | Path, backbone: Backbone, listings: Sequence[Listing]
             for a in arrays.values():
                 a.flush()
             rec = {"chunk": chunk, "rows": [c_start, c_end], "digests": _chunk_digests(arrays, c_start, c_end)}
-            _append_progress(out / PROGRESS, rec)
+            append_jsonl(out / PROGRESS, rec)
             records.append(rec)
             if on_chunk is not None:
                 on_chunk(chunk)

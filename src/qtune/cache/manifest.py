@@ -309,13 +309,11 @@ def key_of(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def key_difference(want: dict[str, Any], have: dict[str, Any]) -> str | None:
     """The first field where two cache keys differ, in words."""
-    if want["backbone"]["name"] != have["backbone"]["name"]:
-        return f"backbone {have['backbone']['name']}, not {want['backbone']['name']}"
-    if want["backbone"]["weights_hash"] != have["backbone"]["weights_hash"]:
-        return (f"backbone weights differ (hash {have['backbone']['weights_hash'][:12]}, "
-                f"not {want['backbone']['weights_hash'][:12]})")
-    if want["backbone"]["model_args"] != have["backbone"]["model_args"]:
-        return f"backbone arguments {have['backbone']['model_args']}, not {want['backbone']['model_args']}"
+    from ..backbones.vit import identity_difference
+
+    diff = identity_difference(have["backbone"], want["backbone"], "there")
+    if diff:
+        return diff
     for field in ("preprocessing", "dtype", "blocks", "root", "rows", "shape", "format_version"):
         if want[field] != have[field]:
             return f"{field} differs ({have[field]}, not {want[field]})" if field != "rows" else "dataset differs"

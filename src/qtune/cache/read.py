@@ -17,6 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..backbones import Backbone, QueryOutput, Taps
+from ..backbones.vit import identity_difference
 from ..data import Listing
 from ..errors import CacheCorruptError, CacheError, CacheStaleError
 from .manifest import (
@@ -91,14 +92,9 @@ class TapCache:
     def mismatch(self, backbone: Backbone, blocks: Sequence[int]) -> str | None:
         """Why this cache cannot serve ``backbone`` reading ``blocks`` (None if it can)."""
         want, have = backbone_key(backbone), self.manifest
-        if want["backbone"]["name"] != have["backbone"]["name"]:
-            return f"built for backbone {have['backbone']['name']}, not {want['backbone']['name']}"
-        if want["backbone"]["weights_hash"] != have["backbone"]["weights_hash"]:
-            return (f"backbone weights changed (hash {have['backbone']['weights_hash'][:12]} in the cache, "
-                    f"{want['backbone']['weights_hash'][:12]} now)")
-        for field in ("model_args",):
-            if want["backbone"][field] != have["backbone"][field]:
-                return f"backbone {field} {have['backbone'][field]} in the cache, {want['backbone'][field]} now"
+        diff = identity_difference(have["backbone"], want["backbone"], "in the cache")
+        if diff:
+            return diff
         if want["preprocessing"] != have["preprocessing"]:
             return f"preprocessing {have['preprocessing']} in the cache, {want['preprocessing']} now"
         if want["shape"] != have["shape"]:

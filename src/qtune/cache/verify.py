@@ -12,6 +12,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..backbones import Backbone, load_backbone
+from ..backbones.vit import identity_difference
 from ..errors import CacheStaleError, DataError
 from .manifest import DatasetRows, reread_sources, rows_difference
 from .read import TapCache
@@ -40,12 +41,9 @@ def check_dataset(cache: TapCache) -> None:
 
 
 def check_backbone(cache: TapCache, backbone: Backbone) -> None:
-    have = cache.manifest["backbone"]
-    if backbone.identity.name != have["name"]:
-        raise CacheStaleError(f"{cache.path}: built for backbone {have['name']}, not {backbone.identity.name}")
-    if backbone.identity.weights_hash != have["weights_hash"]:
-        raise CacheStaleError(f"{cache.path}: stale, backbone weights changed (hash {have['weights_hash'][:12]} in "
-                              f"the cache, {backbone.identity.weights_hash[:12]} now)")
+    diff = identity_difference(cache.manifest["backbone"], backbone.identity.to_dict(), "in the cache")
+    if diff:
+        raise CacheStaleError(f"{cache.path}: stale, {diff}")
 
 
 def source_backbone(cache: TapCache, weights: str | None = None) -> Backbone | None:

@@ -11,7 +11,6 @@ from ..errors import DataError
 from .benchmarks import is_vtab_folder, read_fgvc, read_vtab
 from .datasets import Listing, _first, read_split
 
-
 SPLIT_FOLDERS = ("train", "val", "test")
 MAX_CLASSES_SHOWN = 20
 

@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..backbones import Backbone
+from ..backbones.vit import identity_difference
 from ..errors import CheckpointError
 from ..io import atomic_write, file_sha256, write_json
 from ..methods import create_method
@@ -58,11 +59,9 @@ def load_adapter(directory: Path, backbone: Backbone) -> tuple[TunedModel, dict[
     """Rebuild the tuned model from ``directory`` on ``backbone``, after checking it is the same backbone."""
     directory = Path(directory)
     cfg = read_adapter_config(directory)
-    want, have = cfg["backbone"], backbone.identity
-    if want["name"] != have.name or want["weights_hash"] != have.weights_hash:
-        raise CheckpointError(
-            f"{directory}: trained on backbone {want['name']} (weights {want['weights_hash'][:12]}), "
-            f"not on {have.name} (weights {have.weights_hash[:12]})")
+    diff = identity_difference(cfg["backbone"], backbone.identity.to_dict(), "in training")
+    if diff:
+        raise CheckpointError(f"{directory}: trained on another backbone: {diff}")
     model = TunedModel(backbone, create_method(cfg["method"], backbone, cfg["num_classes"], cfg["method_config"]))
     if not (directory / TENSORS).is_file():
         raise CheckpointError(f"{directory / TENSORS}: not found")

@@ -15,7 +15,7 @@ import torch
 from ..backbones import Backbone, demo_weights, load_backbone
 from ..data import ImageDataset, Listing, read_split
 from ..errors import ConfigError
-from ..io import write_csv, write_json, write_text
+from ..io import append_jsonl, write_csv, write_json, write_text
 from ..methods import create_method, get_method
 from ..tuned import TunedModel
 from .checkpoint import save_adapter
@@ -74,11 +74,6 @@ class JobSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 STATE = "train_state.pt"  # in the partial folder only: what a resumed run continues from
@@ -162,7 +157,7 @@ def _train_into(out: Path, spec: JobSpec, model: TunedModel, splits: dict, datas
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     history = fit(model, datasets["train"], spec.train, datasets.get("val"),
-                  on_epoch=lambda r: _append_jsonl(out / "metrics.jsonl", r), state=out / STATE)
+                  on_epoch=lambda r: append_jsonl(out / "metrics.jsonl", r), state=out / STATE)
     train_seconds = time.perf_counter() - start
     # the history is the record, also across a resume (which may have repeated a line of the interrupted epoch)
     write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))

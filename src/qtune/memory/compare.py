@@ -12,6 +12,7 @@ from ..methods import get_method
 from .budget import fit_budget
 from .cost import inference_cost
 from .training import check_precision, measure_training, precision_label
+from .units import format_bytes
 
 
 def row_label(method: str, options: dict[str, Any], mode: str = "live") -> str:
@@ -69,8 +70,7 @@ def compare_methods(backbone: Backbone, methods: Sequence[str], *, batch_size: i
 
     def probe(method: str, opts: dict[str, Any]) -> dict[str, Any]:
         row = measure(method, opts)
-        size = f"{row['total'] / 2**30:.3f} GiB" if row["total"] >= 2**30 else f"{row['total'] / 2**20:.1f} MiB"
-        say(f"budget fitting: {row['label']}: {size}, "
+        say(f"budget fitting: {row['label']}: {format_bytes(row['total'], 3)}, "
             f"{'fits' if row['total'] <= budget else 'does not fit'}")
         return row
 

@@ -23,6 +23,18 @@ def parse_bytes(text: str) -> int:
     return n
 
 
-def gib(n: float) -> str:
-    """Bytes as GiB with two decimals (the unit of the tables)."""
-    return f"{n / 2**30:.2f}"
+def binary_unit(largest: float) -> tuple[str, int]:
+    """The unit a column of sizes is printed in: GiB for ViT-B-sized figures, MiB (or KiB) for small ones, so that
+    small figures do not print as 0.000."""
+    for name, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if largest >= scale:
+            return name, scale
+    return "KiB", 2**10
+
+
+def format_bytes(n: float, digits: int = 1) -> str:
+    """``1_932_735_283`` -> ``"1.8 GiB"``: one size in the largest binary unit that keeps it >= 1."""
+    if n < 2**10:
+        return f"{int(n)} B"
+    name, scale = binary_unit(n)
+    return f"{n / scale:.{digits}f} {name}"

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from qtune.io import atomic_write, file_sha256, write_text
+from qtune.io import append_jsonl, atomic_write, file_sha256, write_text
 from qtune.pretrain.fractal import FractalDataset
 
 log = logging.getLogger("qtune.pretrain")
@@ -221,11 +221,6 @@ def _backbone_state(model: torch.nn.Module, dtype: str) -> dict[str, torch.Tenso
     return {k: v.detach().to(cast).contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
 
 
-def _append_log(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def pretrain(
     out_path: Path | str,
     config: PretrainConfig | None = None,
@@ -289,7 +284,7 @@ def pretrain(
             "optimizer": opt.state_dict(),
         }
         atomic_write(paths["ckpt"], lambda p: torch.save(state, p))
-        _append_log(paths["log"], {"event": "checkpoint", "step": step})
+        append_jsonl(paths["log"], {"event": "checkpoint", "step": step})
 
     segment_start = last_ckpt = last_log = time.time()
     budget_s = None if config.time_budget_minutes is None else 60 * config.time_budget_minutes
@@ -314,7 +309,7 @@ def pretrain(
                     "lr": _lr_at(step - 1, total, config),
                     "img_per_s": config.batch_size * len(window) / max(now - last_log, 1e-9),
                 }
-                _append_log(paths["log"], record)
+                append_jsonl(paths["log"], record)
                 log.info(
                     "step %d/%d loss %.3f acc %.3f lr %.2e %.0f img/s",
                     step,
@@ -435,7 +430,7 @@ def _finish(
         ],
     }
     write_text(paths["card"], json.dumps(card, indent=2) + "\n")
-    _append_log(paths["log"], {"event": "done", "step": step, "held_out_top1": top1})
+    append_jsonl(paths["log"], {"event": "done", "step": step, "held_out_top1": top1})
     for name in ("ckpt", "data"):  # large and reproducible; the log stays
         paths[name].unlink(missing_ok=True)
     paths["data"].with_suffix(".json").unlink(missing_ok=True)

@@ -16,7 +16,7 @@ _PARTS = ("parameters", "gradients", "optimizer_state", "inputs", "saved_for_bac
 def _unit(result: dict[str, Any]) -> tuple[str, int]:
     """GiB for ViT-B-sized figures, MiB for small models, so that small figures do not print as 0.000."""
     totals = [r["total"] for r in result["training"]] + [f["total"] for f in result["budget"]]
-    return ("GiB", GIB) if totals and max(totals) >= GIB else ("MiB", 2**20)
+    return ("GiB", GIB) if max(totals, default=0) >= GIB else ("MiB", 2**20)
 
 
 def _g(n: float | None, scale: int = GIB) -> str:
@@ -158,7 +158,7 @@ def plot_memory(path: Path, result: dict[str, Any], accuracies: dict[str, float]
     if not rows:  # an inference-only run: plot inference memory
         rows = [{"label": r["label"], "method": r["method"], "total": r["memory_bytes"]} for r in result["inference"]]
         what = f"inference memory, batch {result['settings']['inference_batch_size']}"
-    unit, scale = ("GiB", GIB) if rows and max(r["total"] for r in rows) >= GIB else ("MiB", 2**20)
+    unit, scale = _unit({"training": rows, "budget": []})
     batch = f", batch {result['settings']['batch_size']}" if result["training"] or result["budget"] else ""
     title = f"{result['settings']['backbone']['name']}{batch}, {result['dtype']}"
     points = [(r, accuracies[r["method"]]) for r in rows if accuracies and r["method"] in accuracies]
