@@ -28,12 +28,14 @@ from qtune.report.tables import benchmark_table, format_table, write_results
 
 TASKS = ("dsprites_loc", "clevr_dist", "clevr_count", "fashion_mnist", "mnist", "dsprites_ori")  # longest first
 GROUPS = ("natural", "structured")
+SIDE = ("linear", "vqt", "synqt")
 REAL = ("fashion_mnist", "mnist")
 # Stream methods: one configuration each (AdamW learning rates from their papers' usual ranges), no selection.
 STREAM_LR = {"vpt_deep": 1e-2, "lora": 1e-3, "adaptformer": 1e-3, "bitfit": 3e-3, "full": 1e-4}
 
 
-def side_plans(task: str, seeds: tuple[int, ...], variants: list[tuple[str, dict]]) -> list[MethodPlan]:
+def side_plans(task: str, seeds: tuple[int, ...], variants: list[tuple[str, dict]],
+               methods: tuple[str, ...] = SIDE) -> list[MethodPlan]:
     """linear, VQT and SynQT with their papers' recipes; the presets where the task is a VTAB-1k task."""
     quiet = {"progress": False}
     linear = MethodPlan("linear", TrainConfig(**{**SYNQT_RECIPE, "weight_decay": 1e-4, **quiet}),
@@ -50,12 +52,12 @@ def side_plans(task: str, seeds: tuple[int, ...], variants: list[tuple[str, dict
     plans = [linear, vqt, MethodPlan("synqt", synqt_cfg, synqt_grid, seeds=seeds)]
     plans += [MethodPlan("synqt", synqt_cfg, synqt_grid, options, label=label, seeds=seeds)
               for label, options in variants]
-    return plans
+    return [p for p in plans if p.method in methods]
 
 
 def stream_plans(methods: list[str], epochs: int, input_size: int) -> list[MethodPlan]:
     cfg = TrainConfig(epochs=epochs, warmup_epochs=max(1, epochs // 5), batch_size=64, weight_decay=1e-4,
-                      progress=False)
+                      progress=False, min_lr=1e-6)
     return [MethodPlan(m, replace(cfg, lr=STREAM_LR.get(m, 1e-3)), label=f"{m}@{input_size}", input_size=input_size)
             for m in methods]
 
@@ -66,12 +68,13 @@ def main() -> None:
     p.add_argument("--out", default="runs/real", help="data, caches, per-run results and tables")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--test-size", type=int, default=1000)
+    p.add_argument("--methods", default=",".join(SIDE), help="side-path methods to run (none: only --stream-methods)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds of the final runs (side-path methods)")
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE,...",
                    help="an extra SynQT row with these options, e.g. synqt-bn:head_standardize=true")
     p.add_argument("--stream-methods", default="", help="e.g. vpt_deep,lora,adaptformer,bitfit,full")
     p.add_argument("--stream-tasks", default="fashion_mnist,dsprites_loc")
-    p.add_argument("--stream-epochs", type=int, default=10)
+    p.add_argument("--stream-epochs", type=int, default=5)
     p.add_argument("--stream-input-size", type=int, default=112)
     p.add_argument("--epochs", type=int, help="override every schedule's epochs (a smoke test, not the recipe)")
     p.add_argument("--jobs", type=int, default=None, help="tasks at once (default: one per core)")
@@ -88,7 +91,8 @@ def main() -> None:
         size = 28 if task in REAL else 64
         dirs[task] = make_offline_benchmark(out / "data", seed=0, tasks=[task], image_size=size,
                                             test_size=args.test_size)[0]
-    plans_by_task = {t: side_plans(t, seeds, variants) for t in tasks}
+    side = tuple(m for m in args.methods.split(",") if m)
+    plans_by_task = {t: side_plans(t, seeds, variants, side) for t in tasks}
     stream = [m for m in args.stream_methods.split(",") if m]
     for t in args.stream_tasks.split(","):
         if stream and t in plans_by_task:
@@ -99,6 +103,8 @@ def main() -> None:
     rows = run_tasks(dirs, out, plans_by_task, weights, jobs=args.jobs, keep_cache=args.keep_caches)
     order = list(dict.fromkeys(p.name for ps in plans_by_task.values() for p in ps))
     rows.sort(key=lambda r: order.index(r.method))
+    if not rows:
+        return
     groups = [g for g in GROUPS if any(ALL_TASKS[t].group == g for t in tasks)]
     summary = benchmark_table(rows, groups, tasks)
     text = format_table(summary, tasks, groups)
