@@ -49,10 +49,6 @@ def _step(model, steps=3):
         opt.step()
 
 
-def _frozen_hash(model):
-    return {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
-
-
 @pytest.mark.parametrize("name,options", CASES)
 def test_gradients_reach_every_trainable_parameter_and_nothing_else(name, options):
     model = _model(name, options=options)

@@ -6,6 +6,7 @@ from torch import nn
 
 from qtune.methods import create_method
 from qtune.methods.layers import Adapter
+from qtune.methods.synqt import drop_features
 from tests.conftest import tiny_backbone
 
 
@@ -78,3 +79,18 @@ def test_defaults_are_the_authors_most_frequent_scales():
     _, m = _synqt()
     assert m.config.tokens == 4
     assert (m.config.attn_scale, m.config.ffn_scale, m.config.feat_scale) == (0.1, 0.1, 0.1)
+
+
+def test_dropfeat_drops_whole_features_per_sample_never_the_first():
+    torch.manual_seed(0)
+    out = drop_features(torch.ones(4000, 6, 3), 0.3)
+    assert torch.equal(out[:, 0], torch.ones(4000, 3))  # H_L is never dropped
+    later = out[:, 1:]
+    assert torch.equal(later, later[:, :, :1].expand_as(later))  # a whole feature at a time
+    kept = later[later > 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / 0.7))  # rescaled by 1 / (1 - p)
+    dropped = (later[:, :, 0] == 0).float()  # (samples, features)
+    assert torch.allclose(dropped.mean(0), torch.full((5,), 0.3), atol=0.03)  # the rate, per feature
+    both = (dropped[:, 0] * dropped[:, 1]).mean()
+    assert abs(both - 0.09) < 0.02  # independent across features: P(both) = 0.3 * 0.3
+    assert dropped.mean(1).std() > 0.15  # and across samples (one mask for the batch would give 0)

@@ -79,6 +79,15 @@ class QSMBlock(nn.Module):
         return z + self.ffn_scale * self.ffn(self.norm2(z))
 
 
+def drop_features(h: torch.Tensor, p: float) -> torch.Tensor:
+    """DropFeat on (B, F, D): each feature after the first, of each sample on its own, is zeroed with probability p
+    and otherwise scaled by 1 / (1 - p) (the authors' DropPath on every feature but H_L)."""
+    keep = 1.0 - p
+    mask = torch.ones_like(h[:, :, :1])
+    mask[:, 1:].bernoulli_(keep).div_(keep)
+    return h * mask
+
+
 class ConditionalHead(nn.Module):
     """Shared projection, DropFeat, aggregation weighted by the first feature, norm, linear classifier."""
 
@@ -102,10 +111,7 @@ class ConditionalHead(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (B, F, D)
         h = feats + self.proj(self.proj_norm(feats))
         if self.training and self.drop_feat > 0:
-            keep = 1.0 - self.drop_feat
-            mask = torch.ones_like(h[:, :, :1])
-            mask[:, 1:].bernoulli_(keep).div_(keep)  # each later feature of each sample dropped on its own
-            h = h * mask
+            h = drop_features(h, self.drop_feat)
         w = torch.tanh(self.weight_drop(self.act(self.weight_fc(h[:, 0]))))  # (B, F-1)
         w = torch.cat([torch.ones_like(w[:, :1]), w], dim=1)
         return self.fc(self.norm((w.unsqueeze(-1) * h).mean(dim=1)))
