@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
 import csv
 import sys
 from dataclasses import fields
@@ -180,9 +179,8 @@ def _option_lines(config_class: type, prefix: str = "") -> list[str]:
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
-    import torch
 
-    from .methods import create_method, get_method, method_names
+    from .methods import get_method, method_names
     from .tuned import TunedModel
 
     if args.options:
@@ -197,10 +195,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
     print(f"{'method':<{width}} {'kind':<7} {'trainable':>12}  summary")
     for name in method_names():
         cls = get_method(name)
-        bb = backbone if cls.reads_taps else copy.deepcopy(backbone)  # stream methods change their backbone
-        with torch.random.fork_rng(devices=[]):
-            model = TunedModel(bb, create_method(name, bb, args.num_classes))
-        n = model.num_trainable()
+        n = TunedModel.build(backbone, name, args.num_classes).num_trainable()
         kind = "side" if cls.reads_taps else "stream"
         print(f"{name:<{width}} {kind:<7} {n:>12,}  {cls.summary}")
 

@@ -1,6 +1,9 @@
 """A backbone plus a method: the model that trains, evaluates, saves and predicts."""
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -16,6 +19,20 @@ class TunedModel(nn.Module):
         self.backbone = backbone
         self.method = method
         method.attach(backbone)
+
+    @classmethod
+    def build(cls, backbone: Backbone, method: str, num_classes: int, options: Any = None, *,
+              seed: int | None = None, own_backbone: bool = False) -> "TunedModel":
+        """The one builder of backbone -> method -> model. A stream method changes its backbone, so it gets a private
+        copy unless the caller hands the backbone over (``own_backbone``). With ``seed``, the trainable part is
+        initialised from that seed; the global RNG is left as it was either way."""
+        from .methods import create_method, get_method
+
+        bb = backbone if own_backbone or get_method(method).reads_taps else copy.deepcopy(backbone)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return cls(bb, create_method(method, bb, num_classes, options))
 
     @property
     def reads_taps(self) -> bool:

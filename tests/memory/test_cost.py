@@ -2,7 +2,7 @@
 import torch
 
 from qtune.memory import count_flops, inference_cost
-from qtune.memory.training import build_model
+from qtune.tuned import TunedModel
 from tests.conftest import TINY, tiny_backbone
 
 
@@ -18,7 +18,7 @@ def _vit_flops(img, patch, d, depth, heads, classes, mlp=4):
 
 def test_flops_match_hand_count_for_the_linear_probe():
     bb = tiny_backbone()
-    model = build_model(bb, "linear", {}, 10).eval()
+    model = TunedModel.build(bb, "linear", 10).eval()
     want = _vit_flops(32, 8, TINY["embed_dim"], TINY["depth"], TINY["num_heads"], 10)
     got = count_flops(model, torch.randn(1, 3, 32, 32))
     assert abs(got - want) <= 0.01 * want  # attention included: without it the count is 5% short
@@ -38,4 +38,4 @@ def test_inference_cost_rows():
         assert r["images_per_second"] > 0 and r["threads"] == torch.get_num_threads()
         assert r["memory_kind"] == "cpu_account" and r["forward_peak_bytes"] > 0
     assert lin["memory_bytes"] == params_bytes + 2 * 3 * 32 * 32 * 4 + lin["forward_peak_bytes"]
-    assert all(p.requires_grad for p in build_model(bb, "vpt_deep", {}, 10).method.parameters())
+    assert all(p.requires_grad for p in TunedModel.build(bb, "vpt_deep", 10).method.parameters())

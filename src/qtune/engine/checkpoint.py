@@ -16,7 +16,6 @@ from ..backbones import Backbone
 from ..backbones.vit import identity_difference
 from ..errors import CheckpointError
 from ..io import atomic_write, file_sha256, write_json
-from ..methods import create_method
 from ..tuned import TunedModel
 
 TENSORS = "adapter.safetensors"
@@ -62,7 +61,7 @@ def load_adapter(directory: Path, backbone: Backbone) -> tuple[TunedModel, dict[
     diff = identity_difference(cfg["backbone"], backbone.identity.to_dict(), "in training")
     if diff:
         raise CheckpointError(f"{directory}: trained on another backbone: {diff}")
-    model = TunedModel(backbone, create_method(cfg["method"], backbone, cfg["num_classes"], cfg["method_config"]))
+    model = TunedModel.build(backbone, cfg["method"], cfg["num_classes"], cfg["method_config"], own_backbone=True)
     if not (directory / TENSORS).is_file():
         raise CheckpointError(f"{directory / TENSORS}: not found")
     if "tensors_sha256" in cfg and file_sha256(directory / TENSORS) != cfg["tensors_sha256"]:  # older ones have none

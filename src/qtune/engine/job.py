@@ -16,7 +16,7 @@ from ..backbones import Backbone, demo_weights, load_backbone
 from ..data import ImageDataset, Listing, read_split
 from ..errors import ConfigError
 from ..io import append_jsonl, write_csv, write_json, write_text
-from ..methods import create_method, get_method
+from ..methods import get_method
 from ..tuned import TunedModel
 from .checkpoint import save_adapter
 from .loop import ImageBatches, TrainConfig, evaluate, fit, peak_memory
@@ -107,9 +107,9 @@ def train_job(spec: JobSpec, overwrite: bool = False, resume: bool = False) -> d
     backbone = spec.backbone.load()
     transform = backbone.preprocessing.transform()
     datasets = {k: ImageBatches(ImageDataset(v, transform), spec.train.num_workers) for k, v in splits.items()}
-    torch.manual_seed(spec.train.seed)
-    method = create_method(spec.method, backbone, len(splits["train"].classes), spec.method_config)
-    model = TunedModel(backbone, method)
+    model = TunedModel.build(backbone, spec.method, len(splits["train"].classes), spec.method_config,
+                             seed=spec.train.seed, own_backbone=True)
+    method = model.method
     cache_used: dict[str, bool] = {}
     if spec.cache:
         from ..cache import cached_splits

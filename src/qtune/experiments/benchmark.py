@@ -8,7 +8,6 @@ interrupted benchmark resumes where it stopped; the key changes with anything th
 """
 from __future__ import annotations
 
-import copy
 import json
 import multiprocessing
 import os
@@ -31,7 +30,7 @@ from ..data.offline import ALL_TASKS
 from ..engine.loop import ImageBatches, TrainConfig, evaluate, fit
 from ..io import write_json
 from ..memory.account import measure_step
-from ..methods import create_method, get_method
+from ..methods import get_method
 from ..report.tables import ResultRow
 from ..tuned import TunedModel
 from .select import select_then_test
@@ -64,14 +63,6 @@ def _backbone(weights: Path, input_size: int | None) -> Backbone:
     return load_backbone(None, weights, model_args={"img_size": input_size}, preprocessing={"input_size": input_size})
 
 
-def fresh_model(backbone: Backbone, method: str, num_classes: int, seed: int,
-                options: dict[str, Any] | None = None) -> TunedModel:
-    """A new model; stream methods get their own copy of the backbone, since they change it."""
-    torch.manual_seed(seed)
-    bb = backbone if get_method(method).reads_taps else copy.deepcopy(backbone)
-    return TunedModel(bb, create_method(method, bb, num_classes, options or {}))
-
-
 def _batches(model: TunedModel, cache: Path | None, listings: dict) -> dict[str, Any]:
     """Cached batches for side-path methods where the cache matches, live images otherwise."""
     served, notes = cached_splits(cache, model, listings) if cache and model.reads_taps else ({}, [])
@@ -99,7 +90,7 @@ def _run_plan(plan: MethodPlan, task: str, backbone: Backbone, splits: dict, cac
         fields = {k: v for k, v in hp.items() if k != "options"}
         cfg = replace(plan.train, **fields, seed=plan.seeds[0] if seed is None else seed)
         options = {**plan.options, **hp.get("options", {})}
-        model = fresh_model(backbone, plan.method, info.num_classes, cfg.seed, options)
+        model = TunedModel.build(backbone, plan.method, info.num_classes, options, seed=cfg.seed)
         data = _batches(model, cache, {train: splits[train], evaluate_on: splits[evaluate_on]})
         t0 = time.perf_counter()
         fit(model, data[train], cfg)

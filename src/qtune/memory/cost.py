@@ -17,8 +17,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..backbones import Backbone
+from ..tuned import TunedModel
 from .account import _bytes, _profiled_peak
-from .training import build_model
 
 
 def count_flops(model: torch.nn.Module, inputs: torch.Tensor) -> int:
@@ -82,7 +82,7 @@ def inference_cost(backbone: Backbone, method: str, options: dict[str, Any] | No
                    iters: int = 5) -> dict[str, Any]:
     """One method's inference cost on ``backbone``: a row for the cost table."""
     device = torch.device(device)
-    model = build_model(backbone, method, options, num_classes, device).eval()
+    model = TunedModel.build(backbone, method, num_classes, dict(options or {}), seed=0).to(device).eval()
     size = model.backbone.preprocessing.input_size
     one = torch.randn(1, 3, *size, device=device)
     images = torch.randn(batch_size, 3, *size, device=device)

@@ -15,7 +15,6 @@ The step is ``qtune.memory.account.measure_step``: AdamW, cross-entropy, the sec
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any
 
 import torch
@@ -23,7 +22,6 @@ import torch.nn.functional as F
 
 from ..backbones import Backbone
 from ..errors import ConfigError
-from ..methods import create_method, get_method
 from ..tuned import TunedModel
 from .account import measure_step
 
@@ -44,16 +42,6 @@ def check_precision(precision: str) -> None:
 def _autocast(device: torch.device, precision: str):
     dtype = PRECISIONS[precision]
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def build_model(backbone: Backbone, method: str, options: dict[str, Any] | None, num_classes: int,
-                device: torch.device | str = "cpu") -> TunedModel:
-    """``TunedModel`` of ``method``; stream methods get a copy of the backbone, since they change it."""
-    bb = backbone if get_method(method).reads_taps else copy.deepcopy(backbone)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = TunedModel(bb, create_method(method, bb, num_classes, dict(options or {})))
-    return model.to(device)
 
 
 def _stream_taps(taps, blocks: tuple[int, ...]):
@@ -81,7 +69,7 @@ def measure_training(backbone: Backbone, method: str, options: dict[str, Any] | 
         raise ConfigError(f"batch size must be >= 1 (got {batch_size})")
     check_precision(precision)
     device = torch.device(device)
-    model = build_model(backbone, method, options, num_classes, device).train()
+    model = TunedModel.build(backbone, method, num_classes, dict(options or {}), seed=0).to(device).train()
     if mode != "live" and not model.reads_taps:
         raise ConfigError(f"method {method!r} trains the stream; it has no cached run (mode {mode!r})")
     gen = torch.Generator().manual_seed(seed)

@@ -96,7 +96,7 @@ class PretrainConfig:
         }
 
 
-def build_model(config: PretrainConfig) -> VisionTransformer:
+def make_vit(config: PretrainConfig) -> VisionTransformer:
     return VisionTransformer(**config.timm_kwargs(config.num_classes))
 
 
@@ -198,7 +198,7 @@ def measure_throughput(config: PretrainConfig, threads: int, batch_size: int = 1
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(0)
-        model = build_model(config)
+        model = make_vit(config)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randn(batch_size, 3, config.img_size, config.img_size)
         y = torch.randint(0, config.num_classes, (batch_size,))
@@ -259,7 +259,7 @@ def pretrain(
         config.num_classes, config.images_per_class, config.img_size, config.seed, TRAIN_STREAM, cache=paths["data"]
     )
     torch.manual_seed(config.seed)
-    model = build_model(config)
+    model = make_vit(config)
     opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
     history: dict[str, Any] = {"wall_time_s": 0.0, "resumed_at": [], "render_s": time.time() - t_start}
     if state is not None:
