@@ -30,7 +30,7 @@ def test_query_block_on_stream_tokens_is_the_block(variant):
     with torch.no_grad():
         h = bb.embed(x)
         for i, blk in enumerate(bb.model.blocks):
-            nxt, k, v = bb.stream_block(i, h)
+            nxt, k, v = bb.block_forward(i, h)
             torch.testing.assert_close(bb.query_block(i, h, k, v).out, blk(h), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(nxt, blk(h), rtol=1e-5, atol=1e-5)
             h = nxt

@@ -51,7 +51,7 @@ def test_gatevpt_gates_start_closed_and_temperatures_are_projected():
 
 
 def test_gatevpt_temperature_divides_the_attention_logits():
-    """Backbone.stream_block(temperature=T) is the block with softmax(q k^T * scale / T)."""
+    """Backbone.block_forward(temperature=T) is the block with softmax(q k^T * scale / T)."""
     bb = tiny_backbone()
     blk, attn = bb.model.blocks[0], bb.model.blocks[0].attn
     with torch.no_grad():
@@ -61,7 +61,7 @@ def test_gatevpt_temperature_divides_the_attention_logits():
         logits = (q @ k.transpose(-2, -1)) * attn.scale / 2.0
         mid = x + attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d))
         want = mid + blk.mlp(blk.norm2(mid))
-        got, _, _ = bb.stream_block(0, x, temperature=torch.tensor(2.0))
+        got, _, _ = bb.block_forward(0, x, temperature=torch.tensor(2.0))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -96,13 +96,13 @@ def test_vpt_deep_with_k_trainable_blocks_has_no_prompts_below_them():
     bb = model.backbone
     assert model.method.prompts.shape == (2, 3, bb.dim)
     seen = []
-    original = bb.stream_block
+    original = bb.block_forward
 
     def recording(i, x, **kw):
         seen.append((i, x.shape[1], torch.is_grad_enabled(), x.requires_grad))
         return original(i, x, **kw)
 
-    bb.stream_block = recording
+    bb.block_forward = recording
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     n = bb.num_tokens
     assert seen == [(0, n, False, False), (1, n + 3, True, True), (2, n + 3, True, True)]

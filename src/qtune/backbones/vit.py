@@ -144,8 +144,8 @@ class Backbone(nn.Module):
         m = self.model
         return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
 
-    def stream_block(self, i: int, x: torch.Tensor, temperature: torch.Tensor | float | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def block_forward(self, i: int, x: torch.Tensor, temperature: torch.Tensor | float | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """X_i from X_{i-1} through block i, also returning its K_i, V_i (B, H, N, hd).
 
         ``temperature`` (GateVPT) divides the block's attention logits; it is applied to q, so it may be a
@@ -179,7 +179,7 @@ class Backbone(nn.Module):
         values: list[torch.Tensor] = []
         x = self.embed(images)
         for i in range(self.depth):
-            x, k, v = self.stream_block(i, x)
+            x, k, v = self.block_forward(i, x)
             if i in keep:  # compact copies, so the block's q and qkv buffers are not kept alive by views
                 keys.append(k.contiguous())
                 values.append(v.contiguous())

@@ -63,7 +63,7 @@ class GateVPT(PromptMethod):
     def block(self, i: int, x: torch.Tensor, backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m, p = self.config.tokens, self.prefix
         prompts_in = x[:, p:p + m]
-        x, k, v = backbone.stream_block(i, x, temperature=self.temperature[i - self.first])
+        x, k, v = backbone.block_forward(i, x, temperature=self.temperature[i - self.first])
         if i in self.gated:
             g = self.gate_logits[i - self.first].sigmoid()
             x = replace_prompts(x, g * x[:, p:p + m] + (1 - g) * prompts_in, p)

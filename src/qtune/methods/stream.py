@@ -5,7 +5,7 @@ With ``trainable_blocks = K`` its structures live only in the top K blocks (the 
 the SynQT paper, Table 3); the blocks below run under ``no_grad``, so nothing of them is saved for backward, and
 their output X_{L-K} is a fixed function of the image.
 Structures inside the backbone are wrappers around timm sub-modules (a ``base_layer`` plus the new parameters,
-swapped in on the parent), never rebound ``forward`` methods, so timm's own block code and ``Backbone.stream_block``
+swapped in on the parent), never rebound ``forward`` methods, so timm's own block code and ``Backbone.block_forward``
 run them unchanged.
 """
 from __future__ import annotations
@@ -133,7 +133,7 @@ class StreamMethod(Method):
 
     def block(self, i: int, x: torch.Tensor, backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One trainable block: X_i, K_i, V_i."""
-        return backbone.stream_block(i, x)
+        return backbone.block_forward(i, x)
 
     def frozen_prefix(self, images: torch.Tensor, backbone: Backbone, keep: Sequence[int] = (),
                       ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
@@ -144,7 +144,7 @@ class StreamMethod(Method):
         with torch.no_grad() if self.first > 0 else contextlib.nullcontext():
             x = backbone.embed(images)
             for i in range(self.first):
-                x, k, v = backbone.stream_block(i, x)
+                x, k, v = backbone.block_forward(i, x)
                 if i in keep:  # compact copies: views would keep the whole qkv buffer alive
                     keys.append(k.contiguous())
                     values.append(v.contiguous())

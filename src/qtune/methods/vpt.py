@@ -92,4 +92,4 @@ class VPTDeep(PromptMethod):
     def block(self, i: int, x: torch.Tensor, backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if i > self.first:
             x = replace_prompts(x, self._prompts(i - self.first, x.shape[0]), self.prefix)
-        return backbone.stream_block(i, x)
+        return backbone.block_forward(i, x)
