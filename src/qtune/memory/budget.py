@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..backbones import Backbone
-from ..methods import get_method
+from ..methods import Combined, get_method
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,11 @@ def knobs(method: str, backbone: Backbone, max_tokens: int = 64) -> list[Knob]:
     cls = get_method(method)
     fields = cls.config_class.__dataclass_fields__
     out = []
-    if "+" in method:
-        out.append(Knob(f"{method.split('+')[0]}.trainable_blocks", 1, backbone.depth))
+    if issubclass(cls, Combined):
+        out.append(Knob(f"{cls.stream_class.name}.trainable_blocks", 1, backbone.depth))
     elif "trainable_blocks" in fields:
         out.append(Knob("trainable_blocks", 1, backbone.depth))
-    if "+" not in method and cls.reads_taps and "tokens" in fields:
+    if not issubclass(cls, Combined) and cls.reads_taps and "tokens" in fields:
         out.append(Knob("tokens", 1, max_tokens))
     return out
 

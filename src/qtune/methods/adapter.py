@@ -14,7 +14,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..errors import ConfigError
-from . import register
+from .registry import register
 from .base import positive
 from .stream import StreamConfig, StreamMethod, Wrapped
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import Backbone
-from . import register
+from .registry import register
 from .base import positive, probability
 from .stream import StreamConfig, StreamMethod, Wrapped
 

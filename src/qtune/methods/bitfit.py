@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..backbones import Backbone
-from . import register
+from .registry import register
 from .stream import StreamConfig, StreamMethod, Wrapped, wrap_children
 
 _BIASED = (nn.Linear, nn.LayerNorm, nn.Conv2d)

@@ -101,7 +101,7 @@ def combination(stream_cls: type[Method], side_cls: type[Method]) -> type[Combin
     if stream_cls.reads_taps:
         raise ConfigError(f"{name}: write the stream method first ({side_cls.name}+{stream_cls.name})")
     if not issubclass(stream_cls, StreamMethod) or not stream_cls.combinable or issubclass(side_cls, Combined):
-        from . import get_method, method_names
+        from .registry import get_method, method_names
 
         parts = [m for m in method_names() if getattr(get_method(m), "combinable", False)]
         raise ConfigError(f"{name}: {stream_cls.name} does not combine with a side path, whose queries would not see "
@@ -118,3 +118,11 @@ def combination(stream_cls: type[Method], side_cls: type[Method]) -> type[Combin
         "name": name, "config_class": config_cls, "stream_class": stream_cls, "side_class": side_cls,
         "summary": f"{stream_cls.name} stream; {side_cls.name} side path reads its K/V live",
         "__module__": __name__})
+
+
+def register_combinations() -> None:
+    """Register the combinations of the SynQT paper's Table 5 (others are built on request by name)."""
+    from .registry import get_method, register
+
+    for stream, side in REGISTERED:
+        register(get_method(f"{stream}+{side}"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..backbones import Backbone
-from . import register
+from .registry import register
 from .stream import StreamConfig, StreamMethod
 
 

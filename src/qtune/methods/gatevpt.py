@@ -18,7 +18,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..errors import ConfigError
-from . import register
+from .registry import register
 from .base import positive
 from .vpt import PromptConfig, PromptMethod, replace_prompts
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backbones import Backbone, Taps
-from . import register
+from .registry import register
 from .base import Method, MethodConfig
 from .layers import timm_head
 

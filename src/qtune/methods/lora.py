@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..backbones import Backbone
-from . import register
+from .registry import register
 from .base import positive, probability
 from .stream import StreamConfig, StreamMethod
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..backbones import Backbone, Taps
-from . import register
+from .registry import register
 from .base import Method, MethodConfig, block_count, first_trainable_block, positive, probability
 from .layers import Adapter
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..errors import ConfigError
-from . import register
+from .registry import register
 from .base import positive, probability
 from .layers import vpt_head, vpt_uniform_bound
 from .stream import StreamConfig, StreamMethod, check_pool, pool_tokens

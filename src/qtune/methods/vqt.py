@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import Backbone, Taps
-from . import register
+from .registry import register
 from .base import Method, MethodConfig, positive, probability
 from .layers import vpt_head, vpt_uniform_bound
 
