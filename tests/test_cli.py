@@ -315,3 +315,27 @@ def test_killed_run_resumes_to_the_same_weights(shapes, tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]
     assert not (tmp_path / ".run.partial").exists() and not (tmp_path / "run" / "train_state.pt").exists()
+
+
+def test_config_reruns_a_recorded_run(linear_run, tmp_path, capsys):
+    argv = ["train", "--config", str(linear_run / "config.json"), "--out", str(tmp_path / "again")]
+    assert main(argv) == 0
+    first = json.loads((linear_run / "result.json").read_text())
+    again = json.loads((tmp_path / "again" / "result.json").read_text())
+    assert again["test_accuracy"] == first["test_accuracy"]  # the same run, deterministic
+    assert main([*argv[:3], "--out", str(tmp_path / "longer"), "--epochs", "2"]) == 0
+    assert json.loads((tmp_path / "longer" / "config.json").read_text())["train"]["epochs"] == 2
+    assert "not a qtune run's config.json" in _error(capsys, ["train", "--config", str(linear_run / "result.json"),
+                                                              "--out", str(tmp_path / "x")])
+    assert "--train and --out are needed" in _error(capsys, ["train", "--method", "linear"])
+
+
+def test_tensorboard_is_optional(shapes, tmp_path, capsys):
+    import importlib.util
+
+    argv = _train(shapes, tmp_path, "--tensorboard", method="linear")
+    if importlib.util.find_spec("tensorboard") is None:
+        assert "pip install 'qtune[tensorboard]'" in _error(capsys, argv)
+    else:
+        assert main(argv) == 0
+        assert any((tmp_path / "run" / "tensorboard").iterdir())

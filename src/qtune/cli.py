@@ -86,16 +86,22 @@ def _method_and_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .engine.config import TrainConfig
     from .engine.job import DataSpec, JobSpec, train_job
 
-    method, options, train_cfg = _method_and_config(args)
-    args.method = method
-    spec = JobSpec(_backbone_spec(args), DataSpec(args.train, args.val, args.test, args.num_classes, args.data_root),
-                   method, options, train_cfg, args.out, cache=args.cache, stream_blocks=args.stream_blocks)
-    result = train_job(spec, overwrite=args.overwrite, resume=args.resume)
+    if args.config:  # a recorded run again; training flags given here override it
+        given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+        spec = JobSpec.from_record(Path(args.config), given, args.out)
+    else:
+        if not args.train or not args.out:
+            raise ConfigError("--train and --out are needed (or --config RUN/config.json to run a recorded run again)")
+        method, options, train_cfg = _method_and_config(args)
+        spec = JobSpec(_backbone_spec(args), DataSpec(args.train, args.val, args.test, args.num_classes, args.data_root),
+                       method, options, train_cfg, args.out, cache=args.cache, stream_blocks=args.stream_blocks)
+    result = train_job(spec, overwrite=args.overwrite, resume=args.resume, tensorboard=args.tensorboard)
     acc = " ".join(f"{k}={result[k]:.4f}" for k in ("val_accuracy", "test_accuracy") if k in result)
-    print(f"{args.method}: {result['trainable_parameters']:,} trainable parameters, "
-          f"{result['train_seconds']:.1f} s, {acc or 'no evaluation split'}; run written to {args.out}")
+    print(f"{spec.method}: {result['trainable_parameters']:,} trainable parameters, "
+          f"{result['train_seconds']:.1f} s, {acc or 'no evaluation split'}; run written to {spec.out_dir}")
 
 
 def _load_checkpoint(args: argparse.Namespace):
@@ -359,12 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "vqt:vtab/svhn (docs/methods.md); -O and training flags override it")
     p.add_argument("-O", "--method-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, typed by the method (list them: qtune methods --options METHOD)")
-    p.add_argument("--train", required=True, help="training split: image folder or list file")
+    p.add_argument("--config", metavar="RUN/config.json", help="run a recorded run again (--out and training flags "
+                                                              "given here override it)")
+    p.add_argument("--train", help="training split: image folder or list file")
     p.add_argument("--val", help="validation split (monitoring; never used to select on test)")
     p.add_argument("--test", help="test split, evaluated once after training")
     p.add_argument("--data-root", help="root for list-file paths (default: the list file's folder)")
     p.add_argument("--num-classes", type=int, help="number of classes (default: from the data)")
-    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--out", help="run folder to write")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to OUT/tensorboard (pip install 'qtune[tensorboard]')")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run (same command) from its last finished epoch, to the same weights")

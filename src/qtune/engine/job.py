@@ -2,6 +2,7 @@
 and an adapter checkpoint. The CLI and the demo both go through here."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -75,6 +76,21 @@ class JobSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_record(cls, path: Path, train_overrides: dict[str, Any] | None = None,
+                    out_dir: str | None = None) -> "JobSpec":
+        """The spec a run recorded in its config.json, to run it again (optionally elsewhere, or with other
+        training settings)."""
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(BackboneSpec(**d["backbone"]), DataSpec(**d["data"]), d["method"], d.get("method_config", {}),
+                       TrainConfig(**{**d["train"], **(train_overrides or {})}), out_dir or d["out_dir"],
+                       cache=d.get("cache"), stream_blocks=d.get("stream_blocks", False))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: not found") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"{path}: not a qtune run's config.json ({type(e).__name__}: {e})") from None
+
 
 STATE = "train_state.pt"  # in the partial folder only: what a resumed run continues from
 
@@ -84,7 +100,13 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
 
 
-def train_job(spec: JobSpec, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+def _check_tensorboard() -> None:
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'qtune[tensorboard]'")
+
+
+def train_job(spec: JobSpec, overwrite: bool = False, resume: bool = False,
+              tensorboard: bool = False) -> dict[str, Any]:
     """Run one training job end to end; the test split, if any, is evaluated once, after training.
 
     The run is written to a hidden sibling folder and swapped in at the end, so an interrupted or failed run leaves
@@ -99,6 +121,8 @@ def train_job(spec: JobSpec, overwrite: bool = False, resume: bool = False) -> d
     work = partial_dir(out)
     if resume and not (work / STATE).is_file():
         raise ConfigError(f"{out}: no interrupted run to resume (nothing in {work})")
+    if tensorboard:
+        _check_tensorboard()
     spec.train.resolved_device()  # no GPU where one is asked for: say so before any loading
     get_method(spec.method)  # fail on an unknown method before any loading
     if spec.stream_blocks and not spec.cache:
@@ -136,7 +160,7 @@ def train_job(spec: JobSpec, overwrite: bool = False, resume: bool = False) -> d
         shutil.rmtree(work, ignore_errors=True)  # an interrupted run that is not resumed starts again
         work.mkdir(parents=True)
         write_json(work / "config.json", config)
-    result = _train_into(work, spec, model, splits, datasets, device, cache_used)
+    result = _train_into(work, spec, model, splits, datasets, device, cache_used, tensorboard)
     (work / STATE).unlink()
     _swap_in(work, out)
     return result
@@ -152,12 +176,25 @@ def _swap_in(work: Path, out: Path) -> None:
 
 
 def _train_into(out: Path, spec: JobSpec, model: TunedModel, splits: dict, datasets: dict, device: torch.device,
-                cache_used: dict[str, bool]) -> dict[str, Any]:
+                cache_used: dict[str, bool], tensorboard: bool = False) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    board = None
+    if tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        board = SummaryWriter(str(out / "tensorboard"))
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        append_jsonl(out / "metrics.jsonl", record)
+        for key, value in record.items():
+            if board is not None and key != "epoch":
+                board.add_scalar(key, value, record["epoch"])
+
     start = time.perf_counter()
-    history = fit(model, datasets["train"], spec.train, datasets.get("val"),
-                  on_epoch=lambda r: append_jsonl(out / "metrics.jsonl", r), state=out / STATE)
+    history = fit(model, datasets["train"], spec.train, datasets.get("val"), on_epoch=on_epoch, state=out / STATE)
+    if board is not None:
+        board.close()
     train_seconds = time.perf_counter() - start
     # the history is the record, also across a resume (which may have repeated a line of the interrupted epoch)
     write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
