@@ -1,6 +1,8 @@
 """The main job end to end, cut down to one task, two methods and one epoch per run."""
 import json
 
+import pytest
+
 from qtune.demo import demo_weights, run_demo
 from qtune.experiments import select_then_test
 
@@ -41,7 +43,16 @@ def test_selection_never_reads_test_until_the_end():
 def test_tasks_in_parallel_processes_give_the_same_results(tmp_path):
     kwargs = {"methods": ["linear"], "tasks": ["dsprites_loc", "clevr_count"], "quick": True, "progress": False,
               "epochs": 1}
-    serial = run_demo(tmp_path / "serial", jobs=1, **kwargs)
-    parallel = run_demo(tmp_path / "parallel", jobs=2, **kwargs)
+    serial = run_demo(tmp_path, jobs=1, **kwargs)
+    parallel = run_demo(tmp_path, jobs=2, overwrite=True, **kwargs)  # same data and caches, results retrained
     assert [s["dsprites_loc"] for s in serial] == [s["dsprites_loc"] for s in parallel]
     assert [s["clevr_count"] for s in serial] == [s["clevr_count"] for s in parallel]
+
+
+def test_demo_refuses_to_replace_results_without_overwrite(tmp_path):
+    from qtune.errors import ConfigError
+
+    kwargs = {"methods": ["linear"], "tasks": ["dsprites_loc"], "quick": True, "progress": False, "epochs": 1}
+    run_demo(tmp_path, **kwargs)
+    with pytest.raises(ConfigError, match="earlier demo"):
+        run_demo(tmp_path, **kwargs)
