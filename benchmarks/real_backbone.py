@@ -24,7 +24,7 @@ from qtune.engine.loop import TrainConfig
 from qtune.experiments.benchmark import MethodPlan, run_tasks
 from qtune.methods import get_method
 from qtune.methods.presets import SYNQT_RECIPE, SYNQT_VTAB, VQT_RECIPE, get_preset
-from qtune.report.tables import benchmark_table, format_table, write_results
+from qtune.report.tables import benchmark_table, format_markdown, format_table, write_results
 
 TASKS = ("dsprites_loc", "clevr_dist", "clevr_count", "fashion_mnist", "mnist", "dsprites_ori")  # longest first
 GROUPS = ("natural", "structured")
@@ -108,7 +108,7 @@ def main() -> None:
     groups = [g for g in GROUPS if any(ALL_TASKS[t].group == g for t in tasks)]
     summary = benchmark_table(rows, groups, tasks)
     text = format_table(summary, tasks, groups)
-    write_results(out, rows, summary, text)
+    write_results(out, rows, summary, text, format_markdown(summary, tasks, groups))
     print("\n" + text)
     print(f"\n{out}: table.txt, summary.csv, summary.json, results.json; {time.perf_counter() - start:.0f} s")
 

@@ -14,7 +14,7 @@ def test_demo_writes_table_results_and_plot(tmp_path, capsys):
     for s in summary:
         assert 0.0 <= s["dsprites_loc"] <= 1.0 and s["mean_of_groups"] == s["mean_structured"]
         assert s["trainable_parameters"] > 0 and s["memory_bytes"] > 0
-    for name in ("table.txt", "summary.csv", "summary.json", "results.json", "accuracy_vs_memory.png"):
+    for name in ("table.txt", "table.md", "summary.csv", "summary.json", "results.json", "accuracy_vs_memory.png"):
         assert (tmp_path / name).stat().st_size > 0
     rows = json.loads((tmp_path / "results.json").read_text())
     assert all("val_accuracy" in r["hparams"] for r in rows)  # the choice was made on validation
@@ -56,3 +56,15 @@ def test_demo_refuses_to_replace_results_without_overwrite(tmp_path):
     run_demo(tmp_path, **kwargs)
     with pytest.raises(ConfigError, match="earlier demo"):
         run_demo(tmp_path, **kwargs)
+
+
+def test_tables_name_groups_in_full_and_markdown_bolds_the_means():
+    from qtune.report.tables import ResultRow, benchmark_table, format_markdown, format_table
+
+    rows = [ResultRow("vqt", "digits", "natural", 0.5, 10, 2**20, "cpu", 1.0, {}),
+            ResultRow("vqt", "dsprites_loc", "structured", 0.25, 10, 2**20, "cpu", 1.0, {})]
+    summary = benchmark_table(rows, ["natural", "structured"])
+    text = format_table(summary, ["digits", "dsprites_loc"], ["natural", "structured"])
+    assert "natural" in text.splitlines()[0] and "mean of groups" in text.splitlines()[0]
+    md = format_markdown(summary, ["digits", "dsprites_loc"], ["natural", "structured"]).splitlines()
+    assert md[2].startswith("| vqt | 50.0 | 25.0 | **50.0** | **25.0** | **37.5** | 10 | 1.0 MiB |")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from statistics import mean
 from typing import Any, Sequence
 
 from .backbones import demo_weights, load_backbone
@@ -17,7 +18,7 @@ from .engine.loop import TrainConfig
 from .errors import ConfigError
 from .experiments.benchmark import MethodPlan, default_jobs, run_tasks
 from .methods import get_method
-from .report.tables import benchmark_table, format_table, plot_accuracy_vs_memory, write_results
+from .report.tables import benchmark_table, format_markdown, format_table, plot_accuracy_vs_memory, write_results
 
 DEMO_METHODS = ("linear", "vqt", "synqt")
 GROUPS = ("natural", "specialized", "structured")
@@ -67,8 +68,10 @@ def run_demo(out: Path, methods: Sequence[str] = DEMO_METHODS, tasks: Sequence[s
     print(f"\naccuracy: top-1 on test (%), hyper-parameters chosen on val200; memory: one training step at batch "
           f"{base.batch_size} ({', '.join(kinds)}); seconds: training time of the final runs; side paths read "
           f"{cache_dtype} K/V caches")
-    write_results(out, rows, summary, text)
-    plot = plot_accuracy_vs_memory(out, summary, ", ".join(kinds))
-    print(f"results written to {out} (table.txt, summary.csv, summary.json, results.json, {plot.name}); "
+    write_results(out, rows, summary, text, format_markdown(summary, tasks, groups))
+    chance = mean(mean(1 / ALL_TASKS[t].num_classes for t in tasks if ALL_TASKS[t].group == g) for g in groups)
+    plot = plot_accuracy_vs_memory(out, summary, ", ".join(kinds), f"qtune demo: {weights.name}, top-1 on test",
+                                   chance)
+    print(f"results written to {out} (table.txt, table.md, summary.csv, summary.json, results.json, {plot.name}); "
           f"total {time.perf_counter() - start:.0f} s")
     return summary

@@ -55,7 +55,7 @@ def benchmark_table(rows: Sequence[ResultRow], groups: Sequence[str],
 def format_table(summary: list[dict], tasks: Sequence[str], groups: Sequence[str]) -> str:
     """A fixed-width text table, accuracies in percent."""
     cols = [*tasks, *(f"mean_{g}" for g in groups), "mean_of_groups"]
-    heads = [*tasks, *(g[:6] + ".avg" for g in groups), "mean"]
+    heads = [*tasks, *groups, "mean of groups"]
     widths = [max(7, len(h)) for h in heads]
     name = max(8, *(len(s["method"]) for s in summary))
     lines = ["method".ljust(name) + " " + " ".join(h.rjust(w) for h, w in zip(heads, widths))
@@ -67,26 +67,53 @@ def format_table(summary: list[dict], tasks: Sequence[str], groups: Sequence[str
     return "\n".join(lines)
 
 
-def write_results(out: Path, rows: Sequence[ResultRow], summary: list[dict], text: str) -> None:
-    """results.json (every run), summary.csv / summary.json (per method), table.txt (as printed)."""
+def format_markdown(summary: list[dict], tasks: Sequence[str], groups: Sequence[str]) -> str:
+    """The same table in Markdown (for docs): top-1 (%), group means in bold, parameters, memory, seconds."""
+    cols = [*tasks, *(f"mean_{g}" for g in groups), "mean_of_groups"]
+    head = ["method", *tasks, *groups, "mean of groups", "trainable params", "memory / step", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "--:|" * (len(head) - 1)]
+    for s in summary:
+        accs = [(f"{100 * s[c]:.1f}" if c in s else "-") for c in cols]
+        accs = [a if c in tasks or a == "-" else f"**{a}**" for a, c in zip(accs, cols)]
+        lines.append("| " + " | ".join([s["method"], *accs, f"{s['trainable_parameters']:,}",
+                                        f"{s['memory_bytes'] / 2**20:.1f} MiB", f"{s['train_seconds']:.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, rows: Sequence[ResultRow], summary: list[dict], text: str, markdown: str = "") -> None:
+    """results.json (every run), summary.csv / summary.json (per method), table.txt (as printed), table.md."""
     write_json(out / "results.json", [asdict(r) for r in rows])
     write_json(out / "summary.json", summary)
     write_csv(out / "summary.csv", summary)
     write_text(out / "table.txt", text + "\n")
+    if markdown:
+        write_text(out / "table.md", markdown + "\n")
 
 
-def plot_accuracy_vs_memory(out: Path, summary: list[dict], memory_label: str) -> Path:
-    """PNG scatter of mean accuracy against training memory, one labelled point per method."""
+def plot_accuracy_vs_memory(out: Path, summary: list[dict], memory_label: str, title: str = "",
+                            chance: float | None = None) -> Path:
+    """PNG scatter of mean accuracy against training memory, one labelled point per method; ``chance`` (a fraction)
+    is drawn as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=150)
-    for s in (s for s in summary if "mean_of_groups" in s):  # methods run on every group
-        x, y = s["memory_bytes"] / 2**20, 100 * s["mean_of_groups"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=150)
+    points = [(s["memory_bytes"] / 2**20, 100 * s["mean_of_groups"], s["method"]) for s in summary
+              if "mean_of_groups" in s]  # methods run on every group
+    for x, y, name in points:
         ax.scatter([x], [y], s=40)
-        ax.annotate(s["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8, annotation_clip=True)
+    if chance is not None:
+        ax.axhline(100 * chance, color="grey", linestyle="--", linewidth=1)
+        ax.annotate("chance", (0.01, 100 * chance), xycoords=("axes fraction", "data"), textcoords="offset points",
+                    xytext=(0, 3), fontsize=7, color="grey")
+    if points:  # room for the labels inside the frame
+        xs, ys = [p[0] for p in points], [p[1] for p in points] + ([100 * chance] if chance is not None else [])
+        ax.set_xlim(0, max(xs) * 1.35)
+        ax.set_ylim(max(0.0, min(ys) - 5), min(100.0, max(ys) + 5))
+    ax.set_title(title or "accuracy against training memory", fontsize=9)
     ax.set_xlabel(f"training memory per step (MiB, {memory_label})")
     ax.set_ylabel("mean of group means, top-1 (%)")
     ax.grid(alpha=0.3)
