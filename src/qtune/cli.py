@@ -275,7 +275,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     run_demo(Path(args.out), methods=args.methods.split(","), tasks=args.tasks.split(",") if args.tasks else None,
              weights=args.weights, quick=args.quick, progress=not args.quiet, epochs=args.epochs,
-             threads=args.threads, jobs=args.jobs, cache_dtype=args.cache_dtype, overwrite=args.overwrite)
+             threads=args.threads, jobs=args.jobs, cache_dtype=args.cache_dtype, overwrite=args.overwrite,
+             keep_caches=args.keep_caches)
 
 
 def _method_options(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -505,8 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs per run (default 15, quick 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per task (the demo model is overhead-bound)")
     p.add_argument("--jobs", type=int, help="tasks run at once, each in its own process (default: one per core)")
-    p.add_argument("--cache-dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="storage of the per-task K/V caches (fp32 trains exactly as live)")
+    p.add_argument("--cache-dtype", choices=("fp32", "fp16", "bf16"), default="fp16",
+                   help="storage of the per-task K/V caches (default fp16: half the disk; fp32 trains exactly as live)")
+    p.add_argument("--keep-caches", action="store_true", help="keep the per-task caches in OUT/cache (deleted at "
+                                                               "the end of each task otherwise)")
     p.add_argument("--quick", action="store_true", help="fewer epochs and test images")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in --out")
     p.add_argument("--quiet", action="store_true")

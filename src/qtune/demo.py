@@ -34,7 +34,7 @@ DEFAULT_GRID = [{"lr": 1e-3, "weight_decay": 1e-2}, {"lr": 1e-4, "weight_decay":
 def run_demo(out: Path, methods: Sequence[str] = DEMO_METHODS, tasks: Sequence[str] | None = None,
              weights: str | Path | None = None, quick: bool = False, progress: bool = True,
              epochs: int | None = None, threads: int = 1, jobs: int | None = None,
-             cache_dtype: str = "fp32", overwrite: bool = False) -> list[dict]:
+             cache_dtype: str = "fp16", overwrite: bool = False, keep_caches: bool = False) -> list[dict]:
     start = time.perf_counter()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: --out names a file; give a folder for the demo's results")
@@ -59,7 +59,7 @@ def run_demo(out: Path, methods: Sequence[str] = DEMO_METHODS, tasks: Sequence[s
                        progress=False, seed=0)
     plans = [MethodPlan(m, base, tuple(GRIDS.get(m, DEFAULT_GRID))) for m in methods]
     rows = run_tasks(dict(zip(tasks, task_dirs)), out, {t: plans for t in tasks}, weights, cache_dtype=cache_dtype,
-                     threads=threads, jobs=jobs, progress=progress)
+                     threads=threads, jobs=jobs, progress=progress, keep_cache=keep_caches)
     groups = [g for g in GROUPS if any(r.group == g for r in rows)]
     summary = benchmark_table(rows, groups)
     text = format_table(summary, tasks, groups)
