@@ -6,7 +6,7 @@ from torch import nn
 
 from qtune.methods import create_method
 from qtune.methods.layers import Adapter
-from qtune.methods.synqt import drop_features
+from qtune.methods.side.synqt import drop_features
 from tests.conftest import tiny_backbone
 
 

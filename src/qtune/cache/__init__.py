@@ -1,8 +1,9 @@
 """TapCache: one frozen pass writes every image's per-block K/V and pooled feature to memory-mapped files; then
 every epoch, fold and hyper-parameter setting of a side-path method trains from them (see docs/cache.md)."""
 from .build import BuildReport, build_cache, plan_cache
-from .manifest import DTYPES, DatasetRows, parse_blocks, read_listings, read_manifest
+from .manifest import DTYPES, parse_blocks, read_manifest
 from .read import CachedBatches, StreamedTaps, TapCache, open_cache
+from .rows import DatasetRows, read_listings
 from .use import cached_splits
 from .verify import verify_cache
 

@@ -33,7 +33,6 @@ from .manifest import (
     POOLED,
     PROGRESS,
     ROWS,
-    DatasetRows,
     backbone_key,
     block_file,
     chunk_digest,
@@ -46,6 +45,7 @@ from .manifest import (
     read_progress,
     to_storage,
 )
+from .rows import DatasetRows
 
 
 @dataclass

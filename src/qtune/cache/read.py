@@ -23,17 +23,15 @@ from ..errors import CacheCorruptError, CacheError, CacheStaleError
 from .manifest import (
     POOLED,
     ROWS,
-    DatasetRows,
     backbone_key,
     block_file,
     chunk_digest,
-    file_changed,
     file_digest,
     from_storage,
     read_json,
     read_manifest,
-    sample_id,
 )
+from .rows import DatasetRows, file_changed, sample_id
 
 
 class TapCache:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..backbones import Backbone, load_backbone
 from ..backbones.vit import identity_difference
 from ..errors import CacheStaleError, DataError
-from .manifest import DatasetRows, reread_sources, rows_difference
+from .rows import DatasetRows, reread_sources, rows_difference
 from .read import TapCache
 
 

@@ -20,7 +20,7 @@ import torch
 from ..backbones import Backbone, Taps
 from ..errors import ConfigError
 from .base import Method, MethodConfig
-from .stream import StreamMethod
+from .stream.core import StreamMethod
 
 REGISTERED = (("vpt_deep", "synqt"), ("adaptformer", "synqt"), ("vpt_deep", "vqt"), ("adaptformer", "vqt"))
 

@@ -17,10 +17,10 @@ from typing import Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
-from ..backbones import Backbone
-from ..errors import ConfigError
-from .base import Method, MethodConfig, block_count, first_trainable_block
-from .layers import timm_head
+from ...backbones import Backbone
+from ...errors import ConfigError
+from ..base import Method, MethodConfig, block_count, first_trainable_block
+from ..layers import timm_head
 
 POOLS = ("auto", "cls", "mean")
 

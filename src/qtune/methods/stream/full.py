@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..backbones import Backbone
-from .registry import register
-from .stream import StreamConfig, StreamMethod
+from ...backbones import Backbone
+from ..registry import register
+from .core import StreamConfig, StreamMethod
 
 
 @dataclass

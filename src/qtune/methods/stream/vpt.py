@@ -13,12 +13,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..backbones import Backbone
-from ..errors import ConfigError
-from .registry import register
-from .base import positive, probability
-from .layers import vpt_head, vpt_uniform_bound
-from .stream import StreamConfig, StreamMethod, check_pool, pool_tokens
+from ...backbones import Backbone
+from ...errors import ConfigError
+from ..registry import register
+from ..base import positive, probability
+from ..layers import vpt_head, vpt_uniform_bound
+from .core import StreamConfig, StreamMethod, check_pool, pool_tokens
 
 
 @dataclass

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backbones import Backbone
-from .registry import register
-from .stream import StreamConfig, StreamMethod, Wrapped, wrap_children
+from ...backbones import Backbone
+from ..registry import register
+from .core import StreamConfig, StreamMethod, Wrapped, wrap_children
 
 _BIASED = (nn.Linear, nn.LayerNorm, nn.Conv2d)
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..backbones import Backbone
-from ..errors import ConfigError
-from .registry import register
-from .base import positive, probability
-from .stream import StreamConfig, StreamMethod, Wrapped
+from ...backbones import Backbone
+from ...errors import ConfigError
+from ..registry import register
+from ..base import positive, probability
+from .core import StreamConfig, StreamMethod, Wrapped
 
 
 @dataclass

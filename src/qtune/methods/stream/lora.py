@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..backbones import Backbone
-from .registry import register
-from .base import positive, probability
-from .stream import StreamConfig, StreamMethod
+from ...backbones import Backbone
+from ..registry import register
+from ..base import positive, probability
+from .core import StreamConfig, StreamMethod
 
 
 @dataclass

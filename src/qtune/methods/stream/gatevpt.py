@@ -16,10 +16,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..backbones import Backbone
-from ..errors import ConfigError
-from .registry import register
-from .base import positive
+from ...backbones import Backbone
+from ...errors import ConfigError
+from ..registry import register
+from ..base import positive
 from .vpt import PromptConfig, PromptMethod, replace_prompts
 
 TEMPERATURE_RANGE = (0.01, 10.0)

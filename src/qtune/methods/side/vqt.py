@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import Backbone, Taps
-from .registry import register
-from .base import Method, MethodConfig, positive, probability
-from .layers import vpt_head, vpt_uniform_bound
+from ...backbones import Backbone, Taps
+from ..registry import register
+from ..base import Method, MethodConfig, positive, probability
+from ..layers import vpt_head, vpt_uniform_bound
 
 
 @dataclass

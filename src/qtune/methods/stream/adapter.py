@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..backbones import Backbone
-from ..errors import ConfigError
-from .registry import register
-from .base import positive
-from .stream import StreamConfig, StreamMethod, Wrapped
+from ...backbones import Backbone
+from ...errors import ConfigError
+from ..registry import register
+from ..base import positive
+from .core import StreamConfig, StreamMethod, Wrapped
 
 PLACEMENTS = ("pfeiffer", "houlsby")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}

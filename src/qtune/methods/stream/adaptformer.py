@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import Backbone
-from .registry import register
-from .base import positive, probability
-from .stream import StreamConfig, StreamMethod, Wrapped
+from ...backbones import Backbone
+from ..registry import register
+from ..base import positive, probability
+from .core import StreamConfig, StreamMethod, Wrapped
 
 
 @dataclass

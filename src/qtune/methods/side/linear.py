@@ -5,10 +5,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbones import Backbone, Taps
-from .registry import register
-from .base import Method, MethodConfig
-from .layers import timm_head
+from ...backbones import Backbone, Taps
+from ..registry import register
+from ..base import Method, MethodConfig
+from ..layers import timm_head
 
 
 @dataclass

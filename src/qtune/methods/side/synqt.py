@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..backbones import Backbone, Taps
-from .registry import register
-from .base import Method, MethodConfig, block_count, first_trainable_block, positive, probability
-from .layers import Adapter
+from ...backbones import Backbone, Taps
+from ..registry import register
+from ..base import Method, MethodConfig, block_count, first_trainable_block, positive, probability
+from ..layers import Adapter
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Side-path methods: they read the frozen stream's Taps and never change it, so they train from caches."""

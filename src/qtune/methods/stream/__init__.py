@@ -1,0 +1,1 @@
+"""Stream methods: they change the backbone's hidden states, so they train live through (part of) the stream."""
