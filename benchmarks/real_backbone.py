@@ -15,12 +15,14 @@ Finished (task, method) results are kept under OUT/runs and reused by a rerun, s
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from qtune.data.offline import ALL_TASKS, make_offline_benchmark
 from qtune.engine.loop import TrainConfig
+from qtune.io import write_text
 from qtune.experiments.benchmark import MethodPlan, run_tasks
 from qtune.methods import get_method
 from qtune.methods.presets import SYNQT_RECIPE, SYNQT_VTAB, VQT_RECIPE, get_preset
@@ -109,8 +111,20 @@ def main() -> None:
     summary = benchmark_table(rows, groups, tasks)
     text = format_table(summary, tasks, groups)
     write_results(out, rows, summary, text, format_markdown(summary, tasks, groups))
+    write_text(out / "chosen.md", chosen_table(rows) + "\n")
     print("\n" + text)
     print(f"\n{out}: table.txt, summary.csv, summary.json, results.json; {time.perf_counter() - start:.0f} s")
+
+
+def chosen_table(rows: list) -> str:
+    """What each method trained with per task: the chosen candidate and its validation accuracy (none: no choice)."""
+    lines = ["| task | method | chosen | val200 | test |", "|---|---|---|--:|--:|"]
+    for r in rows:
+        hp = {k: v for k, v in r.hparams.items() if k not in ("val_accuracy", "seeds", "seed_accuracies")}
+        val = r.hparams.get("val_accuracy")
+        lines.append(f"| {r.task} | {r.method} | {json.dumps(hp, sort_keys=True)} | "
+                     f"{'-' if val is None else f'{100 * val:.1f}'} | {100 * r.accuracy:.1f} |")
+    return "\n".join(lines)
 
 
 def _variant(text: str) -> tuple[str, dict]:
