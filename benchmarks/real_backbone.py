@@ -26,7 +26,7 @@ from qtune.io import write_text
 from qtune.experiments.benchmark import MethodPlan, run_tasks
 from qtune.methods import get_method
 from qtune.methods.presets import SYNQT_RECIPE, SYNQT_VTAB, VQT_RECIPE, get_preset
-from qtune.report.tables import benchmark_table, format_markdown, format_table, write_results
+from qtune.report.tables import ResultRow, benchmark_table, format_markdown, format_table, write_results
 
 TASKS = ("dsprites_loc", "clevr_dist", "clevr_count", "fashion_mnist", "mnist", "dsprites_ori")  # longest first
 GROUPS = ("natural", "structured")
@@ -37,19 +37,21 @@ STREAM_LR = {"vpt_deep": 1e-2, "lora": 1e-3, "adaptformer": 1e-3, "bitfit": 3e-3
 
 
 def side_plans(task: str, seeds: tuple[int, ...], variants: list[tuple[str, dict]],
-               methods: tuple[str, ...] = SIDE) -> list[MethodPlan]:
+               methods: tuple[str, ...] = SIDE, vqt_lrs: tuple[float, ...] = (0.25, 0.05),
+               synqt_natural: tuple[str, ...] = ("defaults", "svhn")) -> list[MethodPlan]:
     """linear, VQT and SynQT with their papers' recipes; the presets where the task is a VTAB-1k task."""
     quiet = {"progress": False}
     linear = MethodPlan("linear", TrainConfig(**{**SYNQT_RECIPE, "weight_decay": 1e-4, **quiet}),
                         tuple({"lr": lr} for lr in (1e-1, 1e-2, 1e-3)), seeds=seeds)
     vqt_options = get_preset(f"vqt:vtab/{task}").options if task in SYNQT_VTAB else {"tokens": 1}
-    # VQT's recipe and two points of its grid (lr 0.5 and 0.1 x 128/256 with Adam, wd 1e-4).
-    vqt = MethodPlan("vqt", TrainConfig(**{**VQT_RECIPE, **quiet}), ({"lr": 0.25}, {"lr": 0.05}), vqt_options,
+    # VQT's recipe and points of its grid (by default lr 0.5 and 0.1 x 128/256 with Adam, wd 1e-4).
+    vqt = MethodPlan("vqt", TrainConfig(**{**VQT_RECIPE, **quiet}), tuple({"lr": lr} for lr in vqt_lrs), vqt_options,
                      seeds=seeds)
     if task in SYNQT_VTAB:  # the authors' per-task setting: nothing left to choose
         synqt_grid: tuple[dict, ...] = ({"options": get_preset(f"synqt:vtab/{task}").options},)
     else:  # no preset: choose between the defaults and SVHN's setting (the paper's digit task) on val200
-        synqt_grid = ({}, {"options": get_preset("synqt:vtab/svhn").options})
+        choices = {"defaults": {}, "svhn": {"options": get_preset("synqt:vtab/svhn").options}}
+        synqt_grid = tuple(choices[c] for c in synqt_natural)
     synqt_cfg = TrainConfig(**{**SYNQT_RECIPE, **quiet})
     plans = [linear, vqt, MethodPlan("synqt", synqt_cfg, synqt_grid, seeds=seeds)]
     plans += [MethodPlan("synqt", synqt_cfg, synqt_grid, options, label=label, seeds=seeds)
@@ -71,6 +73,12 @@ def main() -> None:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--methods", default=",".join(SIDE), help="side-path methods to run (none: only --stream-methods)")
+    p.add_argument("--vqt-lrs", default="0.25,0.05", help="VQT's candidates (points of its paper's grid)")
+    p.add_argument("--synqt-natural", default="defaults,svhn",
+                   help="SynQT's candidates on tasks without a preset: defaults and/or svhn (SVHN's preset)")
+    p.add_argument("--cache-dtype", default="fp32", choices=("fp32", "fp16"), help="the per-task TapCaches' dtype")
+    p.add_argument("--table-only", action="store_true",
+                   help="train nothing: the table of every finished (task, method) under OUT/runs")
     p.add_argument("--seeds", default="0", help="comma-separated seeds of the final runs (side-path methods)")
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE,...",
                    help="an extra SynQT row with these options, e.g. synqt-bn:head_standardize=true")
@@ -94,7 +102,9 @@ def main() -> None:
         dirs[task] = make_offline_benchmark(out / "data", seed=0, tasks=[task], image_size=size,
                                             test_size=args.test_size)[0]
     side = tuple(m for m in args.methods.split(",") if m)
-    plans_by_task = {t: side_plans(t, seeds, variants, side) for t in tasks}
+    vqt_lrs = tuple(float(x) for x in args.vqt_lrs.split(","))
+    plans_by_task = {t: side_plans(t, seeds, variants, side, vqt_lrs, tuple(args.synqt_natural.split(",")))
+                     for t in tasks}
     stream = [m for m in args.stream_methods.split(",") if m]
     for t in args.stream_tasks.split(","):
         if stream and t in plans_by_task:
@@ -102,13 +112,18 @@ def main() -> None:
     if args.epochs:
         plans_by_task = {t: [replace(p, train=replace(p.train, epochs=args.epochs, warmup_epochs=0)) for p in ps]
                          for t, ps in plans_by_task.items()}
-    rows = run_tasks(dirs, out, plans_by_task, weights, jobs=args.jobs, keep_cache=args.keep_caches)
-    order = list(dict.fromkeys(p.name for ps in plans_by_task.values() for p in ps))
+    if args.table_only:  # every finished (task, method) under OUT/runs, whatever plan produced it
+        rows = [ResultRow(**json.loads(f.read_text())) for t in tasks for f in sorted((out / "runs" / t).glob("*.json"))]
+    else:
+        rows = run_tasks(dirs, out, plans_by_task, weights, jobs=args.jobs, keep_cache=args.keep_caches,
+                         cache_dtype=args.cache_dtype)
+    order = list(dict.fromkeys([*SIDE, *(p.name for ps in plans_by_task.values() for p in ps),
+                                *(r.method for r in rows)]))
     rows.sort(key=lambda r: order.index(r.method))
     if not rows:
         return
     groups = [g for g in GROUPS if any(ALL_TASKS[t].group == g for t in tasks)]
-    summary = benchmark_table(rows, groups, tasks)
+    summary = benchmark_table(rows, groups, {t: ALL_TASKS[t].group for t in tasks})
     text = format_table(summary, tasks, groups)
     write_results(out, rows, summary, text, format_markdown(summary, tasks, groups))
     write_text(out / "chosen.md", chosen_table(rows) + "\n")

@@ -47,6 +47,9 @@ def test_partial_methods_get_no_group_mean():
         return ResultRow(method, task, group, acc, 1, 1, "cpu", 1.0, {})
 
     rows = [row("a", "t1", "natural", 0.5), row("a", "t2", "structured", 0.7), row("b", "t1", "natural", 0.9)]
-    a, b = benchmark_table(rows, ["natural", "structured"], ["t1", "t2"])
+    a, b = benchmark_table(rows, ["natural", "structured"], {"t1": "natural", "t2": "structured"})
     assert a["mean_of_groups"] == pytest.approx(0.6)
     assert b["mean_natural"] == 0.9 and "mean_structured" not in b and "mean_of_groups" not in b
+
+    a, b = benchmark_table(rows, ["natural", "structured"], {"t1": "natural", "t2": "structured", "t3": "natural"})
+    assert "mean_natural" not in a and "mean_of_groups" not in a  # t3 missing: no natural mean for anyone

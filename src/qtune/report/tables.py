@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import mean
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from ..io import atomic_write, write_csv, write_json, write_text
 
@@ -23,13 +23,13 @@ class ResultRow:
 
 
 def benchmark_table(rows: Sequence[ResultRow], groups: Sequence[str],
-                    tasks: Sequence[str] | None = None) -> list[dict]:
+                    tasks: Mapping[str, str] | None = None) -> list[dict]:
     """One summary per method: per-task accuracy, per-group means, their mean, parameters, memory, time.
 
-    With ``tasks``, a method's group mean needs every one of them in that group, and the mean of group means every
-    group, so that a method run on fewer tasks is not averaged over others.
+    With ``tasks`` (task -> group), a method's group mean needs every one of them in that group, and the mean of
+    group means every group, so that a method run on fewer tasks is not averaged over others.
     """
-    group_of = {r.task: r.group for r in rows}
+    group_of = {r.task: r.group for r in rows} | dict(tasks or {})
     out = []
     for method in dict.fromkeys(r.method for r in rows):
         mine = [r for r in rows if r.method == method]
