@@ -14,17 +14,15 @@ from .errors import ConfigError, QtuneError
 from .options import option_pairs
 
 
-def _kv_pairs(pairs: Sequence[str], what: str) -> dict[str, Any]:
-    """``key=value`` strings to a dict, values parsed as Python literals where possible (ints, floats, bools)."""
+def _model_args(pairs: Sequence[str]) -> dict[str, Any]:
+    """--model-arg values as Python literals where they parse (timm's constructor arguments have no config class
+    to type them); the key=value split is the one every option uses."""
     out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{what}: expected key=value, got {pair!r}")
+    for key, raw in option_pairs(list(pairs), "--model-arg").items():
         try:
-            out[key.replace("-", "_")] = ast.literal_eval(raw)
+            out[key] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            out[key.replace("-", "_")] = raw
+            out[key] = raw
     return out
 
 
@@ -47,7 +45,7 @@ def _backbone_spec(args: argparse.Namespace):
     from .engine.job import BackboneSpec
 
     prep = {"input_size": args.input_size, "interpolation": args.interpolation, "mean": args.mean, "std": args.std}
-    return BackboneSpec(args.backbone, args.weights, args.pretrained, _kv_pairs(args.model_arg, "--model-arg"),
+    return BackboneSpec(args.backbone, args.weights, args.pretrained, _model_args(args.model_arg),
                         {k: v for k, v in prep.items() if v is not None})
 
 
