@@ -60,7 +60,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, action=argparse.BooleanOptionalAction,
                            help=f"{f.metadata['help']} (default {f.default})")
         else:
-            kind = {"int": int, "float": float, "str": str}.get(str(f.type), f.type)
+            kind = {"int": int, "float": float, "str": str}.get(str(f.type).removesuffix(" | None"), f.type)
             g.add_argument(flag, type=kind, help=f"{f.metadata['help']} (default {f.default})")
 
 

@@ -67,12 +67,49 @@ def _merge(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, n, h * hd)  # (B, N, H*hd)
 
 
+class _QueryAttention(torch.autograd.Function):
+    """softmax(q k^T * scale) v for a few query tokens over frozen K/V: backward gives q's gradient only, keeping
+    just the (B, H, n, N) weights. Under vmap over a stack of models sharing the K/V (``engine.many``), the models'
+    queries become extra query tokens of one product instead of G copies of the K/V."""
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        p = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return p @ v, p
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, k, v, scale = inputs
+        ctx.save_for_backward(k, v, output[1])
+        ctx.scale = scale
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor, _grad_p: torch.Tensor):
+        k, v, p = ctx.saved_tensors
+        dp = grad_out @ v.transpose(-2, -1)
+        return (p * (dp - (dp * p).sum(-1, keepdim=True)) @ k) * ctx.scale, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, scale):
+        qd, kd, vd, _ = in_dims
+        g = info.batch_size
+        if kd is None and vd is None:  # shared K/V: (G, B, H, n, hd) queries -> (B, H, G*n, hd)
+            q = q.movedim(qd, 0) if qd is not None else q.expand(g, *q.shape)
+            _, b, h, n, hd = q.shape
+            o, p = _QueryAttention.apply(q.permute(1, 2, 0, 3, 4).reshape(b, h, g * n, hd), k, v, scale)
+            return ((o.reshape(b, h, g, n, -1).permute(2, 0, 1, 3, 4), p.reshape(b, h, g, n, -1).permute(2, 0, 1, 3, 4)),
+                    (0, 0))
+        q, k, v = (t.movedim(d, 0) if d is not None else t.expand(g, *t.shape) for t, d in zip((q, k, v), in_dims))
+        return _QueryAttention.apply(q, k, v, scale), (0, 0)
+
+
 def _query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of a few query tokens over the stream's K/V. On CPU, SDPA's backward also computes the gradients of
-    K and V, which a frozen stream never needs; the plain product is then 2-3x faster for a few queries (measured on
-    ViT-Ti: 1-16 queries over 197 tokens) and keeps only the (B, H, n, N) weights for backward."""
+    K and V, which a frozen stream never needs; the explicit product is then 2-3x faster for a few queries (measured
+    on ViT-Ti: 1-16 queries over 197 tokens) and keeps only the (B, H, n, N) weights for backward."""
     if q.device.type == "cpu" and not (k.requires_grad or v.requires_grad):
-        return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return _QueryAttention.apply(q, k, v, scale)[0]
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 

@@ -27,6 +27,8 @@ class TrainConfig:
     warmup_epochs: float = field(default=10, metadata={"help": "linear warmup from 0, in epochs"})
     min_lr: float = field(default=1e-6, metadata={"help": "final learning rate of the half-cycle cosine"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, batch order and dropout"})
+    shuffle_seed: int | None = field(default=None, metadata={
+        "help": "seed of the batch order alone (default: --seed); models trained together share one"})
     eval_every: int = field(default=0, metadata={"help": "validation accuracy every N epochs (0: never)"})
     precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 autocast"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
@@ -42,6 +44,11 @@ class TrainConfig:
             raise ConfigError(f"precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
             raise ConfigError("lr must be > 0; weight_decay and warmup_epochs >= 0")
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the epochs' sample order."""
+        return self.seed if self.shuffle_seed is None else self.shuffle_seed
 
     def resolved_device(self) -> torch.device:
         """The device asked for; "cuda" on a machine without a CUDA GPU is a one-line error, not a traceback."""

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -50,7 +51,7 @@ class ImageBatches:
         return self.dataset.listing.labels
 
     def iterate(self, order: list[int], batch_size: int, device: torch.device) -> Iterator[tuple[Any, torch.Tensor]]:
-        chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        chunks = batch_indices(order, batch_size)
         # A private generator: iterating a DataLoader otherwise draws from the global RNG that dropout uses, and
         # training would then depend on the batch source (live images vs a cache). No augmentation: nothing random.
         loader = DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.num_workers,
@@ -109,23 +110,11 @@ def _save_state(path: Path, **state: Any) -> None:
     atomic_write(path, lambda p: torch.save(state, p))
 
 
-def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None = None,
-        on_epoch: Callable[[dict[str, Any]], None] | None = None,
-        state: Path | None = None) -> list[dict[str, Any]]:
-    """Train ``model``'s trainable parameters; returns per-epoch records (also passed to ``on_epoch``).
-
-    With ``state``, everything the rest of the run depends on (trainable tensors, optimiser, schedule, RNG, history)
-    is written there atomically after every epoch, and a run that finds the file continues after its last epoch:
-    killed at any moment and run again, it ends with the same weights as an uninterrupted run.
-    """
-    device = cfg.resolved_device()
-    model.to(device)
-    if not model.trainable_parameters():
-        raise ConfigError("the model has no trainable parameters")
-    torch.manual_seed(cfg.seed)  # dropout and DropFeat
+def optimizer_and_schedule(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
+                           ) -> tuple[torch.optim.Optimizer, CosineLRScheduler]:
+    """``model``'s optimiser (decay exemptions as configured) and its per-step warmup + half-cosine schedule."""
     optimizer = create_optimizer_v2(model, opt=_OPTIMIZERS[cfg.optimizer], lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum, foreach=True, filter_bias_and_bn=not cfg.decay_all)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if warmup >= total:  # a warmup as long as training would never reach the peak learning rate
@@ -134,6 +123,44 @@ def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None
               f"warming up over the first half ({warmup} of {total} steps) instead", file=sys.stderr)
     scheduler = CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=cfg.min_lr, warmup_t=warmup,
                                   warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    return optimizer, scheduler
+
+
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy, averaged over the batch or, with per-sample ``weight``, weighted (a batch whose weights are all
+    zero gives 0). Weight 0 keeps a sample out of training: k-fold CV over batches of all training samples."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half-precision logits: loss in fp32
+    if weight is None:
+        return F.cross_entropy(logits, labels)
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    return (weight * losses).sum() / weight.sum().clamp_min(torch.finfo(losses.dtype).tiny)
+
+
+def batch_indices(order: list[int], batch_size: int) -> list[list[int]]:
+    """The sample indices of each batch of an epoch, as ``Batches.iterate`` cuts them."""
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        state: Path | None = None, sample_weight: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """Train ``model``'s trainable parameters; returns per-epoch records (also passed to ``on_epoch``).
+
+    With ``state``, everything the rest of the run depends on (trainable tensors, optimiser, schedule, RNG, history)
+    is written there atomically after every epoch, and a run that finds the file continues after its last epoch:
+    killed at any moment and run again, it ends with the same weights as an uninterrupted run.
+    ``sample_weight`` (one per training sample) weights each sample's loss; 0 leaves it out (``training_loss``).
+    """
+    device = cfg.resolved_device()
+    model.to(device)
+    if not model.trainable_parameters():
+        raise ConfigError("the model has no trainable parameters")
+    if sample_weight is not None and len(sample_weight) != len(train):
+        raise ConfigError(f"sample_weight has {len(sample_weight)} entries for {len(train)} training samples")
+    torch.manual_seed(cfg.seed)  # dropout and DropFeat
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, steps_per_epoch)
+    total = cfg.epochs * steps_per_epoch
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
     history: list[dict[str, Any]] = []
     step = first = 0
@@ -150,22 +177,26 @@ def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None
     bar = tqdm(total=total, initial=step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
     for epoch in range(first, cfg.epochs):
         model.train()
-        start, loss_sum, seen = time.perf_counter(), 0.0, 0
-        for inputs, y in train.iterate(epoch_order(len(train), cfg.seed, epoch), cfg.batch_size, device):
+        start, loss_sum, seen = time.perf_counter(), 0.0, 0.0
+        order = epoch_order(len(train), cfg.order_seed, epoch)
+        for idx, (inputs, y) in zip(batch_indices(order, cfg.batch_size),
+                                    train.iterate(order, cfg.batch_size, device)):
+            w = None if sample_weight is None else sample_weight[idx].to(device)
             with _autocast(device, cfg.precision):
-                loss = F.cross_entropy(train.forward(model, inputs).float(), y)
+                loss = training_loss(train.forward(model, inputs), y, w)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             step += 1
             scheduler.step_update(step)
-            loss_sum += loss.item() * len(y)
-            seen += len(y)
+            n = len(y) if w is None else w.sum().item()
+            loss_sum += loss.item() * n
+            seen += n
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
             del inputs  # let this batch (e.g. cached K/V) go before the next one is read
-        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1e-12),
                                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - start}
         if val is not None and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             record["val_accuracy"] = evaluate(model, val, cfg, "val")["accuracy"]

@@ -16,7 +16,11 @@ from ..options import option_pairs
 
 @dataclass
 class MethodConfig:
-    """Base of every method's config. Fields carry ``metadata={"help": ...}``; ``__post_init__`` validates."""
+    """Base of every method's config. Fields carry ``metadata={"help": ...}``; ``__post_init__`` validates.
+
+    A field marked ``"init": True`` only sets the initial value of a trainable tensor, so models that differ in it
+    alone have the same structure and train together in one stack (``engine.many``).
+    """
 
     def __post_init__(self) -> None:
         self.validate()
@@ -26,6 +30,10 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def structure(self) -> dict[str, Any]:
+        """The options that shape the module (all but the ``init`` ones)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("init")}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MethodConfig":

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from .masks import Dropout
+
 
 class Adapter(nn.Module):
     """Residual bottleneck x + dropout(fc2(dropout(gelu(fc1(x))))), the "Adapter(r)" of METHODS.md.
@@ -17,7 +19,7 @@ class Adapter(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from ...backbones import Backbone, Taps
 from ..registry import register
 from ..base import Method, MethodConfig, block_count, first_trainable_block, positive, probability
 from ..layers import Adapter
+from ..masks import Dropout, keep_mask
 
 
 @dataclass
@@ -26,9 +27,9 @@ class SynQTConfig(MethodConfig):
     bottleneck: int = field(default=48, metadata={"help": "width of the input-projection, QSM-FFN and head adapters"})
     qsm_bottleneck: int = field(default=8, metadata={"help": "width of the QSM attention's q/k/v/out adapters"})
     # Scales default to 0.1, the authors' most frequent per-task setting (methods/presets.py has them all).
-    attn_scale: float = field(default=0.1, metadata={"help": "initial QSM attention residual scale s'"})
-    ffn_scale: float = field(default=0.1, metadata={"help": "initial QSM FFN residual scale s''"})
-    feat_scale: float = field(default=0.1, metadata={"help": "initial scale f of the previous block's knowledge"})
+    attn_scale: float = field(default=0.1, metadata={"init": True, "help": "initial QSM attention residual scale s'"})
+    ffn_scale: float = field(default=0.1, metadata={"init": True, "help": "initial QSM FFN residual scale s''"})
+    feat_scale: float = field(default=0.1, metadata={"init": True, "help": "initial scale f of the previous block's knowledge"})
     dropout: float = field(default=0.1, metadata={"help": "dropout in adapters, QSM attention and on queries"})
     drop_feat: float = field(default=0.3, metadata={"help": "per-sample drop rate of whole features (DropFeat)"})
     trainable_blocks: int | None = field(default=None, metadata={
@@ -52,8 +53,8 @@ class QSMAttention(nn.Module):
         self.q_norm = nn.LayerNorm(dim)
         self.kv_norm = nn.LayerNorm(dim)
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Adapter(dim, hidden) for _ in range(4))
-        self.attn_drop = nn.Dropout(dropout)
-        self.out_drop = nn.Dropout(dropout)
+        self.attn_drop = Dropout(dropout)
+        self.out_drop = Dropout(dropout)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B, n, D)
         kv = self.kv_norm(t)
@@ -82,10 +83,8 @@ class QSMBlock(nn.Module):
 def drop_features(h: torch.Tensor, p: float) -> torch.Tensor:
     """DropFeat on (B, F, D): each feature after the first, of each sample on its own, is zeroed with probability p
     and otherwise scaled by 1 / (1 - p) (the authors' DropPath on every feature but H_L)."""
-    keep = 1.0 - p
-    mask = torch.ones_like(h[:, :, :1])
-    mask[:, 1:].bernoulli_(keep).div_(keep)
-    return h * mask
+    first = torch.ones_like(h[:, :1, :1])
+    return h * torch.cat([first, keep_mask(h[:, 1:, :1], 1.0 - p)], dim=1)
 
 
 class ConditionalHead(nn.Module):
@@ -98,7 +97,7 @@ class ConditionalHead(nn.Module):
         self.proj = Adapter(dim, cfg.bottleneck, cfg.dropout)
         self.drop_feat = cfg.drop_feat
         self.weight_fc = nn.Linear(dim, num_features - 1)
-        self.weight_drop = nn.Dropout(cfg.dropout)
+        self.weight_drop = Dropout(cfg.dropout)
         self.act = nn.GELU()
         # A fresh LayerNorm (PyTorch's eps 1e-5, as the authors build it) starting from the backbone's final norm's
         # weight and bias, then trained: the features live in the stream's scale.
@@ -131,7 +130,7 @@ class SynQT(Method):
         self.prompts = nn.Parameter(torch.empty(depth, config.tokens, dim).uniform_(-1.0, 1.0))
         self.in_proj = nn.ModuleList(Adapter(dim, config.bottleneck, config.dropout) for _ in range(depth))
         self.qsm = nn.ModuleList(QSMBlock(dim, config) for _ in range(depth))
-        self.query_drop = nn.Dropout(config.dropout)
+        self.query_drop = Dropout(config.dropout)
         self.feat_scale = nn.Parameter(torch.tensor(float(config.feat_scale))) if depth > 1 else None
         self.head = ConditionalHead(3 * depth + 1, backbone, config, num_classes)
 

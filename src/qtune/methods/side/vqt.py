@@ -16,6 +16,7 @@ from ...backbones import Backbone, Taps
 from ..registry import register
 from ..base import Method, MethodConfig, positive, probability
 from ..layers import vpt_head, vpt_uniform_bound
+from ..masks import Dropout
 
 
 @dataclass
@@ -39,7 +40,7 @@ class VQT(Method):
         super().__init__(config, backbone, num_classes)
         bound = vpt_uniform_bound(backbone.patch_size, backbone.dim)
         self.queries = nn.Parameter(torch.empty(backbone.depth, config.tokens, backbone.dim).uniform_(-bound, bound))
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.head = vpt_head((1 + backbone.depth * config.tokens) * backbone.dim, num_classes)
 
     def forward(self, taps: Taps, backbone: Backbone) -> torch.Tensor:

@@ -1,0 +1,235 @@
+"""Many side-path models trained at once: one read of a batch of cached taps feeds every model of a stack.
+
+A stack is G models of one method with the same structure (``MethodConfig.structure``) on one backbone. Their
+trainable tensors are stacked per step and one ``torch.func.vmap`` over ``functional_call`` runs the method's own
+module code for all G: the frozen blocks are shared, and the query attention folds the G models' queries into one
+product over the shared K/V (``backbones.vit._QueryAttention``). Each model keeps its own optimiser and schedule
+(the ones ``fit`` builds), its own seed (masks drawn from its own generator, ``methods.masks``) and its own per-sample
+weights, so model g ends where ``fit`` of its config alone ends, given the same batch order (``shuffle_seed``).
+
+k-fold CV costs no extra read: every batch holds all training samples and the model of fold k weights the samples
+of fold k by 0 (``fold_weights``), then is evaluated on exactly those.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from ..methods.masks import per_model_generators
+from ..tuned import TunedModel
+from .config import TrainConfig
+from .loop import Batches, _autocast, batch_indices, epoch_order, optimizer_and_schedule, training_loss
+
+# TrainConfig fields that every model of a stack must share: they decide which batches are read, and when.
+SHARED = ("epochs", "batch_size", "precision", "device", "num_workers")
+
+
+def stack_key(model: TunedModel) -> tuple:
+    """Models with equal keys can train in one stack: same method, classes, structure and backbone."""
+    method = model.method
+    return (method.name, method.num_classes, tuple(sorted(method.config.structure().items())), id(model.backbone))
+
+
+class ModelStack:
+    """G models of one structure, run as one: ``losses`` and ``logits`` give one value per model."""
+
+    def __init__(self, models: Sequence[TunedModel]):
+        if not models:
+            raise ConfigError("a stack needs at least one model")
+        keys = {stack_key(m) for m in models}
+        if len(keys) > 1:
+            raise ConfigError(f"models of one stack must share method, classes, structure and backbone; got "
+                              f"{len(keys)} kinds (group them with stack_key)")
+        if not models[0].reads_taps:
+            raise ConfigError(f"method {models[0].method.name!r} trains the stream; only side-path methods stack")
+        self.models = list(models)
+        self.base = models[0].method
+        self.backbone = models[0].backbone
+        self.names = [n for n, p in self.base.named_parameters() if p.requires_grad]
+        frozen = [n for n, p in self.base.named_parameters() if not p.requires_grad]
+        if frozen:  # they would be taken from the first model for all
+            raise ConfigError(f"method {self.base.name!r} has frozen tensors of its own ({', '.join(frozen)})")
+        self.params = [dict(m.method.named_parameters()) for m in models]
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor as (G, ...), differentiable back to each model's own parameter."""
+        return {n: torch.stack([p[n] for p in self.params]) for n in self.names}
+
+    def logits(self, taps: Any) -> torch.Tensor:
+        """(G, B, classes); train or eval mode as set by ``train``."""
+        def one(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return functional_call(self.base, params, (taps, self.backbone))
+        return vmap(one, randomness="error")(self.stacked())
+
+    def losses(self, taps: Any, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """(G,) training losses; ``weights`` (G, B) per model and sample, or None for plain means."""
+        def one(params: dict[str, torch.Tensor], w: torch.Tensor | None) -> torch.Tensor:
+            return training_loss(functional_call(self.base, params, (taps, self.backbone)), labels, w)
+        return vmap(one, in_dims=(0, None if weights is None else 0), randomness="error")(self.stacked(), weights)
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.models:
+            m.train(mode)
+
+
+def _check_configs(cfgs: Sequence[TrainConfig], count: int) -> None:
+    if len(cfgs) != count:
+        raise ConfigError(f"{count} models but {len(cfgs)} training configs")
+    for name in (*SHARED, "order_seed"):
+        values = {getattr(c, name) for c in cfgs}
+        if len(values) > 1:
+            raise ConfigError(f"models trained together share {name}; got {sorted(values, key=str)} "
+                              "(set shuffle_seed to share the batch order)")
+    for c in cfgs:
+        if c.eval_every:
+            raise ConfigError("fit_many does not validate during training (eval_every must be 0)")
+
+
+def fit_many(models: Sequence[TunedModel], train: Batches, cfgs: Sequence[TrainConfig],
+             sample_weights: torch.Tensor | None = None,
+             on_epoch: Callable[[int, list[dict[str, Any]]], None] | None = None) -> list[list[dict[str, Any]]]:
+    """Train ``models[g]`` with ``cfgs[g]`` (per model: lr, weight decay, optimiser, schedule, seed; shared: the
+    ``SHARED`` fields and the batch order), all from one read of each batch. ``sample_weights`` (G, N) weights each
+    model's samples (0 holds a sample out). Returns each model's per-epoch records, as ``fit`` does."""
+    stack = ModelStack(models)
+    _check_configs(cfgs, len(stack))
+    cfg0 = cfgs[0]
+    device = cfg0.resolved_device()
+    if cfg0.precision == "fp16" and device.type == "cuda":
+        raise ConfigError("fit_many: fp16 needs one loss scaler per model; use bf16 (or fp32)")
+    n = len(train)
+    if sample_weights is not None and tuple(sample_weights.shape) != (len(stack), n):
+        raise ConfigError(f"sample_weights must be (models, samples) = ({len(stack)}, {n}); "
+                          f"got {tuple(sample_weights.shape)}")
+    for m in stack.models:
+        m.to(device)
+    steps_per_epoch = math.ceil(n / cfg0.batch_size)
+    schedules = [optimizer_and_schedule(m, c, steps_per_epoch) for m, c in zip(stack.models, cfgs)]
+    # Each model's masks come from a generator seeded as fit seeds the global RNG for that model.
+    generators = [torch.Generator(device).manual_seed(c.seed) for c in cfgs]
+    histories: list[list[dict[str, Any]]] = [[] for _ in cfgs]
+    step = 0
+    bar = tqdm(total=cfg0.epochs * steps_per_epoch, desc=f"train x{len(stack)}", disable=not cfg0.progress,
+               dynamic_ncols=True)
+    for epoch in range(cfg0.epochs):
+        stack.train()
+        start = time.perf_counter()
+        loss_sum = torch.zeros(len(stack), dtype=torch.float64)
+        seen = torch.zeros(len(stack), dtype=torch.float64)
+        order = epoch_order(n, cfg0.order_seed, epoch)
+        for idx, (inputs, y) in zip(batch_indices(order, cfg0.batch_size),
+                                    train.iterate(order, cfg0.batch_size, device)):
+            w = None if sample_weights is None else sample_weights[:, idx].to(device)
+            with per_model_generators(generators), _autocast(device, cfg0.precision):
+                losses = stack.losses(inputs, y, w)
+            for opt, _ in schedules:
+                opt.zero_grad(set_to_none=True)
+            losses.sum().backward()  # model g's parameters get the gradient of its own loss only
+            step += 1
+            for opt, sched in schedules:
+                opt.step()
+                sched.step_update(step)
+            counts = torch.full((len(stack),), float(len(y))) if w is None else w.sum(1).double().cpu()
+            loss_sum += losses.detach().double().cpu() * counts
+            seen += counts
+            bar.update(1)
+            del inputs
+        seconds = time.perf_counter() - start
+        for g, (opt, _) in enumerate(schedules):
+            histories[g].append({"epoch": epoch + 1, "train_loss": (loss_sum[g] / seen[g].clamp_min(1e-12)).item(),
+                                 "lr": opt.param_groups[0]["lr"], "epoch_seconds": seconds / len(stack)})
+        if on_epoch is not None:
+            on_epoch(epoch + 1, [h[-1] for h in histories])
+    bar.close()
+    return histories
+
+
+@torch.no_grad()
+def predict_many(models: Sequence[TunedModel], batches: Batches, cfg: TrainConfig,
+                 desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (G, N, classes) of every model for every sample, from one read of each batch, and the labels (N,)."""
+    stack = ModelStack(models)
+    device = cfg.resolved_device()
+    for m in stack.models:
+        m.to(device)
+    stack.train(False)
+    order = list(range(len(batches)))
+    logits, labels = [], []
+    for inputs, y in tqdm(batches.iterate(order, cfg.batch_size, device), total=math.ceil(len(order) / cfg.batch_size),
+                          desc=desc, disable=not cfg.progress, leave=False):
+        with _autocast(device, cfg.precision):
+            logits.append(stack.logits(inputs).float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(logits, dim=1), torch.cat(labels)
+
+
+def accuracies(logits: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None = None) -> list[float]:
+    """Top-1 accuracy of each model, over the samples where ``masks[g]`` is true (all samples without masks)."""
+    hits = (logits.argmax(-1) == labels).float()
+    if masks is None:
+        return hits.mean(1).tolist()
+    return [(h[m].mean().item() if m.any() else math.nan) for h, m in zip(hits, masks.bool())]
+
+
+def fold_weights(labels: Sequence[int], folds: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified k-fold CV as sample weights: (folds, N) weights, 0 on fold k's held-out samples and 1 elsewhere,
+    and the (folds, N) held-out masks. Deterministic given ``seed`` (scikit-learn's StratifiedKFold, shuffled)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(labels)
+    counts = np.bincount(y)
+    if folds < 2 or counts[counts > 0].min() < folds:
+        raise ConfigError(f"{folds}-fold CV needs folds >= 2 and at least {folds} samples of every class "
+                          f"(the rarest has {counts[counts > 0].min()})")
+    held = torch.zeros(folds, len(y), dtype=torch.bool)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, test) in enumerate(splitter.split(np.zeros(len(y)), y)):
+        held[k, torch.from_numpy(test)] = True
+    return (~held).float(), held
+
+
+def step_bytes(models: Sequence[TunedModel], train: Batches, batch_size: int) -> int:
+    """Training memory of one stacked step of ``models`` (CPU account or CUDA peak, as ``qtune memory``)."""
+    from ..memory.account import measure_step
+
+    stack = ModelStack(models)
+    inputs, labels = next(train.iterate(list(range(min(batch_size, len(train)))), batch_size,
+                                        next(stack.base.parameters()).device))
+    holder = nn.ModuleList(m.method for m in stack.models)
+    opt = torch.optim.AdamW([p for p in holder.parameters() if p.requires_grad])
+    generators = [torch.Generator().manual_seed(g) for g in range(len(stack))]
+    stack.train()
+
+    def loss() -> torch.Tensor:
+        with per_model_generators(generators):
+            return stack.losses(inputs, labels, None).sum()
+
+    flat = [*inputs.keys, *inputs.values, inputs.pooled]
+    return measure_step(holder, opt, loss, flat).total
+
+
+def models_per_stack(build: Callable[[int], TunedModel], train: Batches, batch_size: int, budget: int,
+                     most: int) -> int:
+    """How many models of one structure fit ``budget`` bytes in one stack, from two measured steps (one model and
+    two): memory grows by one model's share per model. At least 1; at most ``most``."""
+    one = step_bytes([build(0)], train, batch_size)
+    two = step_bytes([build(0), build(1)], train, batch_size)
+    per_model = max(two - one, 1)
+    fit = (budget - (one - per_model)) // per_model
+    return int(max(1, min(most, fit)))
+
+
+__all__ = ["ModelStack", "SHARED", "accuracies", "fit_many", "fold_weights", "models_per_stack", "predict_many",
+           "stack_key", "step_bytes"]
+
