@@ -217,6 +217,36 @@ def test_predict_top_k_and_overwrite(linear_run, shapes, tmp_path, capsys):
     assert main([*argv, "--overwrite"]) == 0
 
 
+def test_predict_serves_several_checkpoints_from_one_trace(linear_run, shapes, tmp_path, monkeypatch):
+    from qtune.backbones import Backbone
+
+    tmp = tmp_path / "vqt"
+    assert main(_train(shapes, tmp, method="vqt")) == 0
+    bitfit = tmp_path / "bitfit"
+    assert main(_train(shapes, bitfit, method="bitfit")) == 0
+    ckpts = [str(linear_run / "checkpoint"), str(tmp / "run" / "checkpoint"), str(bitfit / "run" / "checkpoint")]
+    singles = []
+    for i, c in enumerate(ckpts):
+        out = tmp_path / f"single{i}.csv"
+        assert main(["predict", "--checkpoint", c, "--images", str(shapes / "test"), "--out", str(out), "--quiet"]) == 0
+        singles.append([row.split(",")[1:] for row in out.read_text().splitlines()[1:]])
+    traces = []
+    real = Backbone.trace
+    monkeypatch.setattr(Backbone, "trace", lambda self, *a, **k: traces.append(1) or real(self, *a, **k))
+    out = tmp_path / "all.csv"
+    argv = ["predict", *(x for c in ckpts for x in ("--checkpoint", c)), "--images", str(shapes / "test"),
+            "--out", str(out), "--batch-size", "32", "--quiet"]
+    assert main(argv) == 0
+    rows = out.read_text().splitlines()
+    assert rows[0].split(",")[1:4] == ["run:label", "run:class", "run:probability"]
+    assert len(traces) == -(-len(rows[1:]) // 32)  # one trace per batch, shared by both side-path heads
+    for r, row in enumerate(rows[1:]):
+        cells = row.split(",")[1:]
+        for i in range(3):
+            label, _, prob = cells[3 * i:3 * i + 3]
+            assert label == singles[i][r][0] and abs(float(prob) - float(singles[i][r][2])) < 1e-4
+
+
 def test_overwrite_is_atomic(shapes, tmp_path, monkeypatch, capsys):
     from qtune.engine import job
 

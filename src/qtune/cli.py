@@ -103,14 +103,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _load_checkpoint(args: argparse.Namespace):
-    from .backbones import load_backbone
-    from .engine.checkpoint import load_adapter, read_adapter_config
+    from .engine.checkpoint import load_checkpoints
 
-    cfg = read_adapter_config(Path(args.checkpoint))
-    bb = cfg["backbone"]
-    backbone = load_backbone(bb["name"], args.weights or cfg.get("backbone_weights"), model_args=bb["model_args"],
-                             preprocessing=cfg.get("preprocessing"))
-    return load_adapter(Path(args.checkpoint), backbone)
+    _, [(model, cfg)] = load_checkpoints([args.checkpoint], args.weights)
+    return model, cfg
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -127,7 +123,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from .data import IMAGE_SUFFIXES, ImageDataset, Listing
-    from .engine.loop import ImageBatches, TrainConfig, predict
+    from .engine.checkpoint import load_checkpoints
+    from .engine.heads import predict_heads
+    from .engine.loop import ImageBatches, TrainConfig
     from .io import atomic_write
 
     out = Path(args.out)
@@ -137,7 +135,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise ConfigError(f"{out}: exists (pass --overwrite to replace it)")
     if args.top_k < 1:
         raise ConfigError(f"--top-k: expected a whole number >= 1, got {args.top_k}")
-    model, cfg = _load_checkpoint(args)
+    backbone, loaded = load_checkpoints(args.checkpoint, args.weights)
     folder = Path(args.images)
     if not folder.is_dir():
         raise ConfigError(f"{folder}: image folder not found")
@@ -145,24 +143,33 @@ def cmd_predict(args: argparse.Namespace) -> None:
                    if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ConfigError(f"{folder}: no images found")
-    listing = Listing(folder, tuple((f, 0) for f in files), tuple(cfg["classes"]), folder)
+    listing = Listing(folder, tuple((f, 0) for f in files), (), folder)
     run = TrainConfig(batch_size=args.batch_size, device=args.device, precision=args.precision,
                       progress=not args.quiet)
-    logits, _ = predict(model, ImageBatches(ImageDataset(listing, model.backbone.preprocessing.transform())), run)
-    probs = logits.softmax(1)
-    k = min(args.top_k, probs.shape[1])
-    top_p, top_i = probs.topk(k, dim=1)
-    extra = [f"{name}_{j}" for j in range(2, k + 1) for name in ("label", "class", "probability")]
+    # One trace of each batch feeds every checkpoint's head.
+    all_logits, _ = predict_heads(backbone, [m for m, _ in loaded],
+                                  ImageBatches(ImageDataset(listing, backbone.preprocessing.transform())), run)
+    several = len(loaded) > 1
+    columns, cells = [], []
+    for (_, cfg), path, logits in zip(loaded, args.checkpoint, all_logits):
+        probs = logits.softmax(1)
+        k = min(args.top_k, probs.shape[1])
+        top_p, top_i = probs.topk(k, dim=1)
+        prefix = f"{Path(path).resolve().parent.name}:" if several else ""
+        columns += [f"{prefix}{name}" + (f"_{j}" if j > 1 else "") for j in range(1, k + 1)
+                    for name in ("label", "class", "probability")]
+        cells.append([[v for i, p in zip(ix, ps) for v in (i, cfg["classes"][i], f"{p:.6f}")]
+                      for ps, ix in zip(top_p.tolist(), top_i.tolist())])
 
     def write(path: Path) -> None:
         with path.open("w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "label", "class", "probability", *extra])
-            for rel, ps, ix in zip(files, top_p.tolist(), top_i.tolist()):
-                w.writerow([rel, *(v for i, p in zip(ix, ps) for v in (i, cfg["classes"][i], f"{p:.6f}"))])
+            w.writerow(["path", *columns])
+            for r, rel in enumerate(files):
+                w.writerow([rel, *(v for per in cells for v in per[r])])
 
     atomic_write(out, write)
-    print(f"{len(files)} predictions written to {args.out}")
+    print(f"{len(files)} predictions of {len(loaded)} checkpoint(s) written to {args.out}")
 
 
 def _option_lines(config_class: type, prefix: str = "") -> list[str]:
@@ -275,6 +282,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
              weights=args.weights, quick=args.quick, progress=not args.quiet, epochs=args.epochs,
              threads=args.threads, jobs=args.jobs, cache_dtype=args.cache_dtype, overwrite=args.overwrite,
              keep_caches=args.keep_caches)
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .experiments.sweep import run_sweep
+    from .report.sweep import write_report
+
+    spec_hash = run_sweep(args.spec, Path(args.out), executor=args.executor, jobs=args.jobs, address=args.address,
+                          max_stack=args.max_stack, progress=not args.quiet)
+    write_report(Path(args.out), spec_hash=spec_hash)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report.sweep import write_report
+
+    write_report(Path(args.store), args.out and Path(args.out), spec_hash=args.sweep, figures=args.figures)
 
 
 def _method_options(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -422,7 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
         example = ("qtune eval --checkpoint runs/vqt/checkpoint --data task/test.txt" if name == "eval" else
                    "qtune predict --checkpoint runs/vqt/checkpoint --images my_images/ --out predictions.csv")
         p = sub.add_parser(name, help=helptext, epilog=f"example: {example}")
-        p.add_argument("--checkpoint", required=True, help="checkpoint folder (a run's checkpoint/)")
+        if name == "eval":
+            p.add_argument("--checkpoint", required=True, help="checkpoint folder (a run's checkpoint/)")
+        else:
+            p.add_argument("--checkpoint", required=True, action="append",
+                           help="checkpoint folder (a run's checkpoint/); repeat it to serve several checkpoints of "
+                                "one backbone from one trace of each batch")
         p.add_argument("--weights", help="backbone weights, if the checkpoint's backbone was loaded from a file")
         if name == "eval":
             p.add_argument("--data", required=True, help="image folder or list file")
@@ -512,6 +539,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in --out")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sweep", help="the papers' protocol from a TOML spec: k-fold or val selection, final runs with "
+                                     "seeds, test read once; resumable (results in OUT/store.sqlite)",
+                       epilog="example: qtune sweep examples/sweep-offline.toml --out runs/sweep "
+                              "(docs/sweep.md describes the spec)")
+    p.add_argument("spec", help="sweep spec (.toml)")
+    p.add_argument("--out", required=True, help="sweep folder: store.sqlite, data, caches, report/")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: a process pool on this machine; ray: a Ray cluster (pip install 'qtune[ray]')")
+    p.add_argument("--address", help="Ray cluster address (auto, HOST:PORT; default: start a local Ray)")
+    p.add_argument("--jobs", type=int, help="local worker processes (default: one per core)")
+    p.add_argument("--max-stack", type=int, default=24, help="side-path models trained together in one stack")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="tables and plots of a sweep from its results store alone",
+                       epilog="example: qtune report runs/sweep (writes runs/sweep/report/)")
+    p.add_argument("store", help="a sweep folder or its store.sqlite")
+    p.add_argument("--out", help="output folder (default: report/ beside the store)")
+    p.add_argument("--sweep", help="spec hash of the sweep to report (default: the latest in the store)")
+    p.add_argument("--figures", action="store_true",
+                   help="also t-SNE of the features each head reads (SynQT paper Fig. 5) and SynQT's feature weights "
+                        "(Fig. 7), from the final checkpoints on the test split")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -78,3 +78,24 @@ def load_adapter(directory: Path, backbone: Backbone) -> tuple[TunedModel, dict[
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]})")
     model.load_state_dict(tensors, strict=False)
     return model, cfg
+
+
+def load_checkpoints(paths: Sequence[str | Path], weights: str | Path | None = None
+                     ) -> tuple[Backbone, list[tuple[TunedModel, dict[str, Any]]]]:
+    """Several checkpoints of one backbone, which is loaded once (from ``weights``, or the file the first checkpoint
+    names). Side-path models share it; a stream method gets its own copy, since it changes the backbone."""
+    import copy
+
+    from ..backbones import load_backbone
+    from ..methods import get_method
+
+    first = read_adapter_config(Path(paths[0]))
+    bb = first["backbone"]
+    backbone = load_backbone(bb["name"], weights or first.get("backbone_weights"), model_args=bb["model_args"],
+                             preprocessing=first.get("preprocessing"))
+    pristine = copy.deepcopy(backbone)
+    loaded = []
+    for path in paths:
+        side = get_method(read_adapter_config(Path(path))["method"]).reads_taps
+        loaded.append(load_adapter(Path(path), backbone if side else copy.deepcopy(pristine)))
+    return backbone, loaded

@@ -148,6 +148,10 @@ class Method(nn.Module):
         """Backbone blocks whose K/V this side-path method reads (the trace and the cache keep only these)."""
         return tuple(range(backbone.depth))
 
+    def classifier(self) -> nn.Linear | None:
+        """The final linear layer: its input is the feature the head reads (t-SNE plots show it)."""
+        return None
+
     def attach(self, backbone: Backbone) -> None:
         """Stream methods make their part of the backbone trainable here; side-path methods leave it frozen."""
 

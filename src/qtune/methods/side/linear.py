@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ...backbones import Backbone, Taps
 from ..registry import register
@@ -28,6 +29,9 @@ class LinearProbe(Method):
 
     def blocks_read(self, backbone: Backbone) -> tuple[int, ...]:
         return ()
+
+    def classifier(self) -> nn.Linear:
+        return self.head
 
     def forward(self, taps: Taps, backbone: Backbone) -> torch.Tensor:
         return self.head(taps.pooled)

@@ -107,12 +107,16 @@ class ConditionalHead(nn.Module):
             self.norm.bias.copy_(backbone.final_norm.bias)
         self.fc = nn.Linear(dim, num_classes)  # PyTorch's default init, as timm 0.4's reset_classifier gives them
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (B, F, D)
+    def mix(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projected features (B, F, D) and their per-sample weights (B, F): 1 for H_L, tanh(...) for the rest."""
         h = feats + self.proj(self.proj_norm(feats))
         if self.training and self.drop_feat > 0:
             h = drop_features(h, self.drop_feat)
         w = torch.tanh(self.weight_drop(self.act(self.weight_fc(h[:, 0]))))  # (B, F-1)
-        w = torch.cat([torch.ones_like(w[:, :1]), w], dim=1)
+        return h, torch.cat([torch.ones_like(w[:, :1]), w], dim=1)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (B, F, D)
+        h, w = self.mix(feats)
         return self.fc(self.norm((w.unsqueeze(-1) * h).mean(dim=1)))
 
 
@@ -136,6 +140,9 @@ class SynQT(Method):
 
     def blocks_read(self, backbone: Backbone) -> tuple[int, ...]:
         return self.blocks
+
+    def classifier(self) -> nn.Linear:
+        return self.head.fc
 
     def forward(self, taps: Taps, backbone: Backbone) -> torch.Tensor:
         b = taps.batch_size

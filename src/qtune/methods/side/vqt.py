@@ -43,6 +43,9 @@ class VQT(Method):
         self.drop = Dropout(config.dropout)
         self.head = vpt_head((1 + backbone.depth * config.tokens) * backbone.dim, num_classes)
 
+    def classifier(self) -> nn.Linear:
+        return self.head
+
     def forward(self, taps: Taps, backbone: Backbone) -> torch.Tensor:
         b = taps.batch_size
         feats = [taps.pooled]

@@ -1,0 +1,406 @@
+"""`qtune sweep`: the papers' protocol as one resumable command.
+
+Per task: side-path methods read one TapCache of train800val200 (one frozen pass), shared by every fold, config and
+seed; stream methods train live. Hyper-parameters are chosen by stratified k-fold CV on train800val200 (or on
+train800 -> val200), each fold a sample weighting of the same batches, so a whole structure group of a grid trains
+in stacks (``engine.many``). The choice is retrained on train800val200 once per seed, and the test split is traced
+once per task and read by every final model of that task at once.
+
+Work runs in units (a cache, a stack of selection trials, a task's final runs) on an executor: in this process, a
+local process pool, or Ray. Only the driver writes the store; a unit that fails marks its trials failed with the
+error, and the sweep goes on. Run again, a sweep skips done trials and re-runs the others.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from pathlib import Path
+from statistics import mean
+from typing import Any, Iterator
+
+from ..cache.manifest import backbone_key, digest
+from ..data.benchmarks import read_vtab
+from ..data.offline import ALL_TASKS, make_offline_benchmark
+from ..errors import ConfigError
+from ..methods import get_method
+from .spec import Candidate, SweepSpec, canonical, load_spec
+from .store import Store, Trial
+
+EXECUTORS = ("local", "ray")
+STORE_FILE = "store.sqlite"
+
+
+def store_path(out: Path) -> Path:
+    return out / STORE_FILE if out.suffix != ".sqlite" else out
+
+
+# -- planning (driver) ----------------------------------------------------------------------------------------------
+
+def _task_identity(task_dir: Path) -> str:
+    """The task's data as the trials see it: its list files' bytes (the images are checked by the cache)."""
+    return digest(b"".join((task_dir / f).read_bytes() for f in sorted(os.listdir(task_dir))
+                           if f.endswith((".txt", ".json"))))
+
+
+class Plan:
+    """Everything the driver decides from the spec: task folders, trial keys, units."""
+
+    def __init__(self, spec: SweepSpec, out: Path):
+        self.spec, self.out = spec, out
+        offline = [t for t, d in spec.tasks.items() if d is None]
+        made = dict(zip(offline, make_offline_benchmark(out / "data", seed=0, tasks=offline))) if offline else {}
+        self.task_dirs = {t: (d or made[t]) for t, d in spec.tasks.items()}
+        self.num_classes = {t: len(read_vtab(d, ALL_TASKS[t].num_classes if t in ALL_TASKS else None)
+                                   ["train800val200"].classes) for t, d in self.task_dirs.items()}
+        backbone = spec.backbone.load()  # a bad backbone fails here, before any work
+        self.backbone_key = backbone_key(backbone)
+        self.task_ids = {t: _task_identity(d) for t, d in self.task_dirs.items()}
+        self.candidates = {(t, m.name): spec.candidates(t, m) for t in spec.tasks for m in spec.methods}
+        self.hash = digest(canonical({"backbone": self.backbone_key, "tasks": self.task_ids,
+                                      "candidates": {f"{t}/{m}": [asdict(c) for c in cs]
+                                                     for (t, m), cs in self.candidates.items()},
+                                      "protocol": self.protocol}).encode())[:16]
+
+    @property
+    def protocol(self) -> dict[str, Any]:
+        s = self.spec
+        return {"selection": s.selection, "folds": s.folds if s.selection == "kfold" else 1, "seed": s.seed,
+                "cache_dtype": s.cache_dtype}
+
+    @property
+    def folds(self) -> list[int]:
+        return list(range(self.spec.folds)) if self.spec.selection == "kfold" else [-1]
+
+    def checkpoints(self, task: str) -> Path:
+        return self.out / "checkpoints" / task
+
+    def cache_dir(self, task: str) -> Path:
+        return self.out / "cache" / f"{task}-{self.spec.cache_dtype}"
+
+    def _key(self, task: str, method: str, c: Candidate, kind: str, fold: int, seed: int) -> str:
+        return digest(canonical({"backbone": self.backbone_key, "task": self.task_ids[task], "method": method,
+                                 "options": c.options, "train": c.config(seed=seed, shuffle_seed=self.spec.seed)
+                                 .to_dict(), "kind": kind, "fold": fold, "protocol": self.protocol}).encode())[:20]
+
+    def trial(self, task: str, method: str, c: Candidate, kind: str, fold: int, seed: int) -> Trial:
+        return Trial(self._key(task, method, c, kind, fold, seed), task, method, kind, fold, seed, c.index,
+                     {"options": c.options, "train": c.config(seed=seed, shuffle_seed=self.spec.seed).to_dict(),
+                      "group": self.spec.group(task), "task_dir": str(self.task_dirs[task])})
+
+    def selection_trials(self) -> list[Trial]:
+        """A method with one candidate on a task has nothing to choose: no selection trials."""
+        seed = self.spec.seeds[0]
+        return [self.trial(t, m, c, "fold", f, seed) for (t, m), cs in self.candidates.items() if len(cs) > 1
+                for c in cs for f in self.folds]
+
+    def final_trials(self, chosen: dict[tuple[str, str], Candidate]) -> list[Trial]:
+        return [self.trial(t, m, c, "final", -1, s) for (t, m), c in chosen.items() for s in self.spec.seeds]
+
+    def unit(self, kind: str, task: str, items: list[dict[str, Any]], threads: int) -> dict[str, Any]:
+        return {"kind": kind, "task": task, "task_dir": str(self.task_dirs[task]),
+                "num_classes": self.num_classes[task], "backbone": asdict(self.spec.backbone),
+                "cache": str(self.cache_dir(task)), "checkpoints": str(self.checkpoints(task)), "cache_dtype": self.spec.cache_dtype,
+                "protocol": self.protocol, "items": items, "threads": threads}
+
+
+def _item(t: Trial) -> dict[str, Any]:
+    return {"key": t.key, "method": t.method, "options": t.config["options"], "train": t.config["train"],
+            "fold": t.fold}
+
+
+def _stacks(trials: list[Trial], max_stack: int) -> list[list[Trial]]:
+    """Selection trials cut into units: side-path trials of one structure in stacks of at most ``max_stack``,
+    each stream-method trial alone. Deterministic in the trials, so a rerun cuts the same stacks."""
+    groups: dict[tuple, list[Trial]] = {}
+    for t in trials:
+        method = get_method(t.method)
+        if method.reads_taps:
+            structure = canonical(method.config_class.from_dict(t.config["options"]).structure())
+            groups.setdefault((t.task, t.method, structure), []).append(t)
+        else:
+            groups[(t.task, t.method, t.key)] = [t]
+    return [g[i:i + max_stack] for g in groups.values() for i in range(0, len(g), max_stack)]
+
+
+def choose(trials: list[Trial], candidates: list[Candidate]) -> tuple[Candidate, float] | None:
+    """The candidate with the best mean held-out accuracy over its folds (ties: the earlier in the grid); None
+    unless every selection trial of the method on the task is done."""
+    if len(candidates) == 1:
+        return candidates[0], float("nan")
+    if not trials or any(t.state != "done" for t in trials):
+        return None
+    scores = {c.index: mean(t.metric for t in trials if t.candidate == c.index) for c in candidates}
+    best = max(candidates, key=lambda c: (scores[c.index], -c.index))
+    return best, scores[best.index]
+
+
+# -- executors ------------------------------------------------------------------------------------------------------
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def execute(units: list[dict[str, Any]], executor: str, jobs: int, address: str | None
+            ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(unit, outcome) as units finish. An outcome holds ``results`` (trial key -> result) or ``error``."""
+    if not units:
+        return
+    if executor == "ray":
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--executor ray needs Ray: pip install 'qtune[ray]'") from None
+        if not ray.is_initialized():
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        remote = ray.remote(num_cpus=1, max_retries=0)(run_unit)
+        pending = {remote.remote(u): u for u in units}
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            unit = pending.pop(ref)
+            try:
+                yield unit, ray.get(ref)
+            except Exception as e:  # the worker died (Ray raises here instead of returning)
+                yield unit, {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+        return
+    if jobs == 1:
+        for u in units:
+            yield u, run_unit(u)
+        return
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker) as pool:
+        futures = {pool.submit(run_unit, u): u for u in units}
+        for f in as_completed(futures):
+            try:
+                yield futures[f], f.result()
+            except Exception as e:  # the worker process died
+                yield futures[f], {"error": f"{type(e).__name__}: {e}"}
+
+
+# -- the driver -----------------------------------------------------------------------------------------------------
+
+def run_sweep(spec_path: str | Path, out: str | Path, executor: str = "local", jobs: int | None = None,
+              address: str | None = None, max_stack: int = 24, progress: bool = True) -> str:
+    """Run (or resume) a sweep; returns its spec hash. Results are in ``out/store.sqlite``."""
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r}: choose from {', '.join(EXECUTORS)}")
+    if max_stack < 1:
+        raise ConfigError(f"--max-stack must be >= 1 (got {max_stack})")
+    from .benchmark import default_jobs
+
+    jobs = jobs or default_jobs()
+    threads = 1 if executor == "ray" or jobs > 1 else max(1, default_jobs())
+    spec = load_spec(spec_path)
+    out = Path(out)
+    plan = Plan(spec, out)
+    store = Store(store_path(out))
+    say = print if progress else (lambda *a, **k: None)
+    start = time.perf_counter()
+
+    side_tasks = [t for t in spec.tasks if any(get_method(m.name).reads_taps for m in spec.methods)]
+    selection = plan.selection_trials()
+    store.add(selection)
+    store.register(plan.hash, spec.name, spec.path.read_text(), [t.key for t in selection])
+    todo = [t for t in selection if (store.get(t.key).state != "done")]
+    total = len(selection) + sum(len(spec.seeds) for _ in plan.candidates)
+    say(f"qtune sweep {spec.name} ({plan.hash}): {len(spec.tasks)} task(s), {len(spec.methods)} method(s), "
+        f"{total} trials ({len(selection) - len(todo)} done before); {executor} executor, {jobs} worker(s)")
+
+    done = [len(selection) - len(todo)]
+
+    def run(units: list[dict[str, Any]], what: str) -> None:
+        for unit, outcome in execute(units, executor, jobs, address):
+            keys = [i["key"] for i in unit["items"]]
+            if "error" in outcome:
+                store.mark(keys, "failed", outcome["error"])
+                say(f"  {unit['task']}: {what} failed: {outcome['error']}")
+                continue
+            for key, result in outcome["results"].items():
+                store.record(key, result)
+            if outcome.get("test_read"):
+                store.count_test_read(plan.hash, unit["task"])
+            if not keys:
+                say(f"  {unit['task']}: {what} ready ({time.perf_counter() - start:.0f} s)", flush=True)
+                continue
+            done[0] += len(keys)
+            methods = ", ".join(sorted({i["method"] for i in unit["items"]}))
+            say(f"  [{done[0]}/{total}] {unit['task']} {methods}: {what} of {len(keys)} trial(s) done "
+                f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+    needs_cache = {t.task for t in todo if get_method(t.method).reads_taps}
+    run([plan.unit("cache", t, [], threads) for t in side_tasks if t in needs_cache], "cache")
+    units = [plan.unit("select", s[0].task, [_item(t) for t in s], threads) for s in _stacks(todo, max_stack)]
+    for u in units:
+        store.mark([i["key"] for i in u["items"]], "running")
+    run(units, "selection")
+
+    chosen: dict[tuple[str, str], Candidate] = {}
+    selection = [store.get(t.key) for t in selection]
+    for (task, method), cands in plan.candidates.items():
+        pick = choose([t for t in selection if t.task == task and t.method == method], cands)
+        if pick is None:
+            say(f"  {task} {method}: selection incomplete (failed trials); no final runs")
+        else:
+            chosen[(task, method)] = pick[0]
+    finals = plan.final_trials(chosen)
+    store.add(finals)
+    store.register(plan.hash, spec.name, spec.path.read_text(), [t.key for t in finals])
+    todo_finals = [t for t in finals if store.get(t.key).state != "done"]
+    done[0] += len(finals) - len(todo_finals)
+    per_task: dict[str, list[Trial]] = {}
+    for t in todo_finals:
+        per_task.setdefault(t.task, []).append(t)
+    if any(get_method(t.method).reads_taps for t in todo_finals):
+        run([plan.unit("cache", t, [], threads) for t in per_task if t not in needs_cache], "cache")
+    units = [plan.unit("final", task, [_item(t) for t in ts], threads) for task, ts in per_task.items()]
+    for u in units:
+        store.mark([i["key"] for i in u["items"]], "running")
+    run(units, "final runs and test")
+    store.finish(plan.hash)
+    failed = [t for t in store.trials(plan.hash) if t.state == "failed"]
+    say(f"qtune sweep {spec.name}: finished in {time.perf_counter() - start:.0f} s; "
+        f"{len(failed)} failed trial(s); store {store.path}")
+    store.close()
+    return plan.hash
+
+
+# -- units (workers) ------------------------------------------------------------------------------------------------
+
+def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
+    """Run one unit; never raises: an error comes back as ``{"error": ...}`` for the driver to record."""
+    import torch
+
+    try:
+        torch.set_num_threads(unit["threads"])
+        return {"cache": _cache_unit, "select": _select_unit, "final": _final_unit}[unit["kind"]](unit)
+    except Exception as e:  # noqa: BLE001 - any failure of a unit is recorded, not raised
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        return {"error": f"{type(e).__name__}: {e} ({Path(where.filename).name}:{where.lineno})"}
+
+
+def _load(unit: dict[str, Any]):
+    from ..engine.job import BackboneSpec
+
+    backbone = BackboneSpec(**unit["backbone"]).load()
+    splits = read_vtab(unit["task_dir"], unit["num_classes"])
+    return backbone, splits
+
+
+def _cache_unit(unit: dict[str, Any]) -> dict[str, Any]:
+    from ..cache import build_cache
+
+    backbone, splits = _load(unit)
+    build_cache(unit["cache"], backbone, [splits["train800val200"]], dtype=unit["cache_dtype"], progress=False)
+    return {"results": {}}
+
+
+def _train_batches(model, unit: dict[str, Any], listing):
+    from ..cache import cached_splits
+    from ..data import ImageDataset
+    from ..engine.loop import ImageBatches
+
+    if model.reads_taps:
+        served, notes = cached_splits(unit["cache"], model, {"train": listing})
+        if "train" in served:
+            return served["train"]
+        print("\n".join(notes))
+    return ImageBatches(ImageDataset(listing, model.backbone.preprocessing.transform()))
+
+
+def _held_out(unit: dict[str, Any], splits) -> "Any":
+    """(folds, N) held-out masks over train800val200: k stratified folds, or val200 as the one fold (-1)."""
+    import torch
+
+    from ..engine.many import fold_weights
+
+    trainval = splits["train800val200"]
+    p = unit["protocol"]
+    if p["selection"] == "kfold":
+        return fold_weights(trainval.labels, p["folds"], p["seed"])[1]
+    val = set(splits["val200"].sample_ids)
+    return torch.tensor([[rel in val for rel in trainval.sample_ids]])
+
+
+def _select_unit(unit: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from ..engine.config import TrainConfig
+    from ..engine.loop import fit, predict
+    from ..engine.many import accuracies, fit_many, predict_many
+    from ..tuned import TunedModel
+
+    backbone, splits = _load(unit)
+    held = _held_out(unit, splits)
+    items = unit["items"]
+    cfgs = [TrainConfig(**i["train"]) for i in items]
+    models = [TunedModel.build(backbone, i["method"], unit["num_classes"], i["options"], seed=c.seed)
+              for i, c in zip(items, cfgs)]
+    masks = torch.stack([held[max(i["fold"], 0)] for i in items])
+    batches = _train_batches(models[0], unit, splits["train800val200"])
+    t0 = time.perf_counter()
+    if models[0].reads_taps:
+        fit_many(models, batches, cfgs, sample_weights=(~masks).float())
+        logits, labels = predict_many(models, batches, cfgs[0])
+    else:
+        [model], [cfg] = models, cfgs
+        fit(model, batches, cfg, sample_weight=(~masks[0]).float())
+        one, labels = predict(model, batches, cfg)
+        logits = one.unsqueeze(0)
+    seconds = (time.perf_counter() - t0) / len(models)
+    accs = accuracies(logits, labels, masks)
+    return {"results": {i["key"]: {"metric": a, "seconds": seconds, "trainable_parameters": m.num_trainable(),
+                                   "metrics": {"held_out": int(k.sum())}}
+                        for i, a, m, k in zip(items, accs, models, masks)}}
+
+
+def _final_unit(unit: dict[str, Any]) -> dict[str, Any]:
+    from ..data import ImageDataset
+    from ..engine.checkpoint import save_adapter
+    from ..engine.config import TrainConfig
+    from ..engine.heads import predict_heads
+    from ..engine.loop import ImageBatches, fit
+    from ..engine.many import fit_many
+    from ..tuned import TunedModel
+    from .benchmark import step_memory
+
+    backbone, splits = _load(unit)
+    trainval, test = splits["train800val200"], splits["test"]
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for i in unit["items"]:
+        by_method.setdefault(i["method"], []).append(i)
+    results: dict[str, dict[str, Any]] = {}
+    trained: list[tuple[dict[str, Any], TunedModel]] = []
+    for method, items in by_method.items():
+        cfgs = [TrainConfig(**i["train"]) for i in items]
+        models = [TunedModel.build(backbone, method, unit["num_classes"], i["options"], seed=c.seed)
+                  for i, c in zip(items, cfgs)]
+        batches = _train_batches(models[0], unit, trainval)
+        t0 = time.perf_counter()
+        if models[0].reads_taps:
+            fit_many(models, batches, cfgs)
+        else:
+            for m, c in zip(models, cfgs):
+                fit(m, batches, c)
+        seconds = (time.perf_counter() - t0) / len(models)
+        memory, kind = step_memory(models[0], batches, cfgs[0].batch_size)
+        for i, m in zip(items, models):
+            if unit.get("checkpoints"):
+                save_adapter(Path(unit["checkpoints"]) / i["key"], m, trainval.classes,
+                             {"backbone_weights": unit["backbone"]["weights"], "trial": i["key"]})
+            results[i["key"]] = {"seconds": seconds, "trainable_parameters": m.num_trainable(),
+                                 "memory_bytes": memory, "memory_kind": kind}
+            trained.append((i, m))
+    # The test split, traced once: every final model of the task reads each traced batch.
+    batch = max(TrainConfig(**i["train"]).batch_size for i in unit["items"])
+    images = ImageBatches(ImageDataset(test, backbone.preprocessing.transform()))
+    logits, labels = predict_heads(backbone, [m for _, m in trained], images,
+                                   TrainConfig(batch_size=batch, progress=False))
+    for (i, _), out in zip(trained, logits):
+        results[i["key"]].update(metric=(out.argmax(-1) == labels).float().mean().item(),
+                                 metrics={"test_images": len(labels), "test_evaluations": 1,
+                                          "checkpoint": str(Path(unit.get("checkpoints") or ".") / i["key"])})
+    return {"results": results, "test_read": True}

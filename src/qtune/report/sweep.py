@@ -1,0 +1,129 @@
+"""`qtune report STORE`: the paper's tables and figures from a results store alone, without retraining."""
+from __future__ import annotations
+
+from pathlib import Path
+from statistics import mean, pstdev
+
+from ..data.benchmarks import VTAB_GROUPS, VTAB_TASKS, vtab_task
+from ..data.offline import ALL_TASKS
+from ..experiments.store import Store, Trial
+from ..io import write_text
+from .tables import ResultRow, benchmark_table, format_markdown, format_table, plot_accuracy_vs_memory, write_results
+
+
+def _task_order(tasks: list[str]) -> list[str]:
+    """VTAB-1k tasks in the paper's Table 1 order, then the others in the order met."""
+    order = list(VTAB_TASKS)
+
+    def rank(t: str) -> int:
+        known = vtab_task(t)
+        return order.index(known.name) if known else len(order)
+    return sorted(dict.fromkeys(tasks), key=lambda t: (rank(t), tasks.index(t)))
+
+
+def _varied(trials: list[Trial]) -> list[str]:
+    """The hyper-parameters that differ among a method's candidates on a task (what the choice is about)."""
+    flat = [{**t.config["train"], **{f"options.{k}": v for k, v in t.config["options"].items()}} for t in trials]
+    keys = sorted({k for f in flat for k in f})
+    return [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1 and k not in ("seed", "shuffle_seed")]
+
+
+def sweep_rows(store: Store, spec_hash: str) -> tuple[list[ResultRow], list[dict]]:
+    """One row per (task, method) from the final runs (mean over seeds), and the choices made."""
+    trials = store.trials(spec_hash)
+    rows, choices = [], []
+    pairs = dict.fromkeys((t.task, t.method) for t in trials)
+    for task, method in pairs:
+        mine = [t for t in trials if t.task == task and t.method == method]
+        finals = [t for t in mine if t.kind == "final" and t.state == "done"]
+        if not finals:
+            continue
+        folds = [t for t in mine if t.kind == "fold"]
+        varied = _varied(folds) if folds else []
+        chosen = finals[0]
+        setting = {k: ({**chosen.config["train"], **{f"options.{o}": v for o, v in chosen.config["options"].items()}}
+                       [k]) for k in varied}
+        cv = [t.metric for t in folds if t.candidate == chosen.candidate and t.state == "done"]
+        accs = [t.metric for t in finals]
+        hparams = {"chosen": setting, "selection_accuracy": mean(cv) if cv else None,
+                   "seeds": [t.seed for t in finals], "seed_accuracies": accs, "std": pstdev(accs)}
+        group = chosen.config.get("group") or (ALL_TASKS[task].group if task in ALL_TASKS else "other")
+        rows.append(ResultRow(method, task, group, mean(accs), chosen.trainable_parameters or 0,
+                              chosen.memory_bytes or 0, chosen.memory_kind or "", mean(t.seconds or 0 for t in finals),
+                              hparams))
+        choices.append({"task": task, "method": method, **hparams})
+    return rows, choices
+
+
+def _choices_markdown(choices: list[dict]) -> str:
+    lines = ["| task | method | chosen | CV / val accuracy | test (mean ± std over seeds) |", "|---|---|---|--:|--:|"]
+    for c in choices:
+        chosen = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in c["chosen"].items())
+        sel = "-" if c["selection_accuracy"] is None else f"{100 * c['selection_accuracy']:.1f}"
+        test = f"{100 * mean(c['seed_accuracies']):.1f} ± {100 * c['std']:.1f} (n={len(c['seeds'])})"
+        lines.append(f"| {c['task']} | {c['method']} | {chosen or '(one candidate)'} | {sel} | {test} |")
+    return "\n".join(lines)
+
+
+def _figures(store: Store, spec_hash: str, out: Path, root: Path) -> list[Path]:
+    """Fig. 5 and Fig. 7 per task from the first seed's final checkpoints of the side-path methods with a head of
+    their own (the linear probe's head reads the pooled feature, which the t-SNE shows anyway), on the test split."""
+    from ..data.benchmarks import read_vtab
+    from ..engine.checkpoint import load_checkpoints
+    from ..methods import get_method
+    from .figures import task_figures
+
+    finals = [t for t in store.trials(spec_hash) if t.kind == "final" and t.state == "done"
+              and t.method != "linear" and get_method(t.method).reads_taps]
+    paths = []
+    for task in dict.fromkeys(t.task for t in finals):
+        first: dict[str, Trial] = {}
+        for t in sorted((t for t in finals if t.task == task), key=lambda t: t.seed):
+            first.setdefault(t.method, t)
+        ckpts = {m: Path(t.metrics.get("checkpoint", "")) for m, t in first.items()}
+        ckpts = {m: c for m, c in ckpts.items() if (c / "adapter_config.json").is_file()}
+        if not ckpts:
+            continue
+        _, loaded = load_checkpoints(list(ckpts.values()))
+        task_dir = Path(next(iter(first.values())).config.get("task_dir") or root / "data" / task)
+        test = read_vtab(task_dir, loaded[0][1]["num_classes"])["test"]
+        paths += task_figures(out, task, [(m, model) for m, (model, _) in zip(ckpts, loaded)], test)
+    return paths
+
+
+def write_report(store_path: str | Path, out: str | Path | None = None, spec_hash: str | None = None,
+                 figures: bool = False) -> Path:
+    """table.md / table.txt / summary.csv / summary.json / results.json, chosen.md and accuracy_vs_memory.png for one
+    sweep of the store (default: the latest), in ``out`` (default: ``report/`` beside the store); with ``figures``,
+    also the t-SNE and feature-weight plots of the final checkpoints (``_figures``)."""
+    store_path = Path(store_path)
+    if store_path.is_dir():
+        store_path = store_path / "store.sqlite"
+    if not store_path.is_file():
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{store_path}: no results store here (run qtune sweep first)")
+    store = Store(store_path)
+    spec_hash = spec_hash or store.latest_sweep()
+    name = store.sweep_name(spec_hash)
+    rows, choices = sweep_rows(store, spec_hash)
+    out = Path(out) if out else store_path.parent / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    drawn = _figures(store, spec_hash, out, store_path.parent) if figures else []
+    store.close()
+    tasks = _task_order([r.task for r in rows])
+    group_of = {r.task: r.group for r in rows}
+    groups = [g for g in (*VTAB_GROUPS, "other") if g in group_of.values()]
+    summary = benchmark_table(rows, groups, {t: group_of[t] for t in tasks})
+    text = format_table(summary, tasks, groups)
+    write_results(out, rows, summary, text, format_markdown(summary, tasks, groups))
+    write_text(out / "chosen.md", _choices_markdown(choices) + "\n")
+    kinds = sorted({r.memory_kind for r in rows if r.memory_kind})
+    chance = None
+    if all(t in ALL_TASKS for t in tasks) and tasks:
+        chance = mean(mean(1 / ALL_TASKS[t].num_classes for t in tasks if group_of[t] == g) for g in groups)
+    plot_accuracy_vs_memory(out, summary, ", ".join(kinds), f"sweep {name} ({spec_hash}): top-1 on test", chance)
+    print(text)
+    print(f"report of sweep {name} ({spec_hash}) written to {out}"
+          + (f" with {len(drawn)} figure(s)" if figures else ""))
+    return out

@@ -1,0 +1,215 @@
+"""qtune sweep: the protocol, the store, resuming, executors, the report."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qtune.cli import main
+from qtune.data import read_split
+from qtune.experiments.store import Store
+from qtune.experiments.sweep import run_sweep
+from qtune.report.sweep import write_report
+from tests.conftest import TINY, TINY_NAME
+
+
+@pytest.fixture(scope="module")
+def task(shapes, tmp_path_factory) -> Path:
+    """A VTAB-1k style task folder of the shapes images: train800 24, val200 8, test 16 (4 classes)."""
+    root = tmp_path_factory.mktemp("task") / "shapes4"
+    root.mkdir()
+    train = read_split(shapes / "train").samples
+    test = read_split(shapes / "test").samples
+    pick = {"train800": [s for c in range(4) for s in [t for t in train if t[1] == c][:6]],
+            "val200": [s for c in range(4) for s in [t for t in train if t[1] == c][6:8]],
+            "test": test[::5][:16]}
+    pick["train800val200"] = pick["train800"] + pick["val200"]
+    for split, samples in pick.items():
+        base = shapes / ("test" if split == "test" else "train")
+        lines = []
+        for rel, y in samples:
+            name = f"images/{base.name}_{rel.replace('/', '_')}"
+            (root / name).parent.mkdir(exist_ok=True)
+            shutil.copy2(base / rel, root / name)
+            lines.append(f"{name} {y}\n")
+        (root / f"{split}.txt").write_text("".join(lines))
+    return root
+
+
+def write_spec(path: Path, task: Path, epochs: int = 2, methods: str | None = None, selection: str = "kfold",
+               seeds: str = "[0, 1]") -> Path:
+    args = ", ".join(f"{k} = {v}" for k, v in TINY.items())
+    methods = methods or """
+[methods.linear]
+grid = { lr = [0.01, 0.001] }
+[methods.vqt]
+options = { tokens = 1 }
+grid = { lr = [0.01, 0.1] }
+[methods.synqt]
+options = { tokens = 1, bottleneck = 8, qsm_bottleneck = 4 }
+"""
+    path.write_text(f"""
+name = "tiny"
+[backbone]
+name = "{TINY_NAME}"
+model_args = {{ {args} }}
+[tasks]
+vtab = ["{task}"]
+[train]
+epochs = {epochs}
+batch_size = 8
+warmup_epochs = 1
+[protocol]
+selection = "{selection}"
+folds = 3
+seeds = {seeds}
+cache_dtype = "fp32"
+{methods}""")
+    return path
+
+
+def table(out: Path) -> str:
+    return (out / "report" / "table.txt").read_text()
+
+
+def accuracies(out: Path) -> list:
+    """Every final run's test accuracy, per task and method (the table's figures without the timings)."""
+    rows = json.loads((out / "report" / "results.json").read_text())
+    return sorted((r["task"], r["method"], r["accuracy"], r["hparams"]["seed_accuracies"]) for r in rows)
+
+
+def test_sweep_runs_the_protocol_and_reports(task, tmp_path):
+    spec = write_spec(tmp_path / "s.toml", task)
+    h = run_sweep(spec, tmp_path / "run", jobs=1, progress=False)
+    store = Store(tmp_path / "run" / "store.sqlite")
+    trials = store.trials(h)
+    folds = [t for t in trials if t.kind == "fold"]
+    finals = [t for t in trials if t.kind == "final"]
+    assert len(folds) == 2 * 2 * 3  # 2 methods x 2 candidates x 3 folds (synqt has one candidate: none)
+    assert len(finals) == 3 * 2  # 3 methods x 2 seeds
+    assert all(t.state == "done" for t in trials)
+    # each fold holds out a third of the 32 training images; every final model read the test split once
+    assert sorted({t.metrics["held_out"] for t in folds}) == [10, 11]
+    assert all(t.metrics["test_evaluations"] == 1 and t.metrics["test_images"] == 16 for t in finals)
+    assert store.test_reads(h) == {"shapes4": 1}
+    # finals use the chosen candidate: the best mean over folds
+    for method in ("linear", "vqt"):
+        scores = {c: sum(t.metric for t in folds if t.method == method and t.candidate == c) for c in (0, 1)}
+        best = max((0, 1), key=lambda c: (scores[c], -c))
+        assert {t.candidate for t in finals if t.method == method} == {best}
+    store.close()
+    assert all(Path(t.metrics["checkpoint"], "adapter.safetensors").is_file() for t in finals)
+    write_report(tmp_path / "run", figures=True)
+    for name in ("table.md", "table.txt", "summary.csv", "summary.json", "chosen.md", "accuracy_vs_memory.png",
+                 "tsne-shapes4.png"):
+        assert (tmp_path / "run" / "report" / name).is_file()
+    assert "linear" in table(tmp_path / "run") and "vqt" in table(tmp_path / "run")
+    assert (tmp_path / "run" / "report" / "feature-weights-shapes4-synqt.png").is_file()
+    assert "lr=" in (tmp_path / "run" / "report" / "chosen.md").read_text()
+
+
+def test_rerun_repeats_nothing_and_changed_spec_adds_trials(task, tmp_path):
+    spec = write_spec(tmp_path / "s.toml", task, methods="[methods.linear]\ngrid = { lr = [0.01, 0.001] }\n")
+    out = tmp_path / "run"
+    h1 = run_sweep(spec, out, jobs=1, progress=False)
+    stamp = dict(sqlite3.connect(out / "store.sqlite").execute("SELECT key, updated FROM trials"))
+    assert run_sweep(spec, out, jobs=1, progress=False) == h1
+    assert dict(sqlite3.connect(out / "store.sqlite").execute("SELECT key, updated FROM trials")) == stamp
+    write_spec(spec, task, epochs=3, methods="[methods.linear]\ngrid = { lr = [0.01, 0.001] }\n")
+    h2 = run_sweep(spec, out, jobs=1, progress=False)
+    assert h2 != h1
+    store = Store(out / "store.sqlite")
+    new, old = store.trials(h2), store.trials(h1)
+    assert not {t.key for t in new} & {t.key for t in old}  # other epochs: no trial of the first spec reused
+    assert all(t.config["train"]["epochs"] == 3 for t in new)
+    assert store.latest_sweep() == h2
+
+
+def test_sigkilled_sweep_resumes_to_the_same_table(task, tmp_path):
+    spec = write_spec(tmp_path / "s.toml", task)
+    whole = tmp_path / "whole"
+    run_sweep(spec, whole, jobs=1, progress=False)
+    write_report(whole)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "qtune.cli", "sweep", str(spec), "--out", str(out), "--jobs", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # kill it once some selection trials are recorded, mid-sweep
+        if "selection of" in line:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    states = [r[0] for r in sqlite3.connect(out / "store.sqlite").execute("SELECT state FROM trials")]
+    assert "done" in states and set(states) != {"done"}
+    assert main(["sweep", str(spec), "--out", str(out), "--jobs", "1", "--quiet"]) == 0
+    assert accuracies(out) and accuracies(out) == accuracies(whole)
+
+
+def test_val_selection_holds_out_val200(task, tmp_path):
+    spec = write_spec(tmp_path / "s.toml", task, selection="val", seeds="[0]",
+                      methods="[methods.linear]\ngrid = { lr = [0.01, 0.001] }\n")
+    h = run_sweep(spec, tmp_path / "run", jobs=1, progress=False)
+    folds = [t for t in Store(tmp_path / "run" / "store.sqlite").trials(h) if t.kind == "fold"]
+    assert len(folds) == 2 and {t.metrics["held_out"] for t in folds} == {8} and {t.fold for t in folds} == {-1}
+
+
+def test_failed_unit_is_recorded_and_the_sweep_goes_on(task, tmp_path, monkeypatch):
+    from qtune.experiments import sweep
+
+    real = sweep._select_unit
+
+    def crash_vqt(unit):
+        if unit["items"][0]["method"] == "vqt":
+            raise RuntimeError("worker crashed")
+        return real(unit)
+
+    monkeypatch.setattr(sweep, "_select_unit", crash_vqt)
+    h = run_sweep(write_spec(tmp_path / "s.toml", task), tmp_path / "run", jobs=1, progress=False)
+    trials = Store(tmp_path / "run" / "store.sqlite").trials(h)
+    failed = [t for t in trials if t.state == "failed"]
+    assert failed and all(t.method == "vqt" and "worker crashed" in t.error for t in failed)
+    assert all(t.state == "done" for t in trials if t.method == "linear")
+    assert not [t for t in trials if t.method == "vqt" and t.kind == "final"]
+
+
+@pytest.mark.parametrize("text, field", [
+    ("[tasks]\noffline = ['nope']\n[methods.linear]\n", "tasks.offline"),
+    ("[tasks]\noffline = ['digits']\n[methods.nope]\n", "methods.nope"),
+    ("[tasks]\noffline = ['digits']\n[methods.linear]\ngrid = { lr = 0.1 }\n", "methods.linear.grid.lr"),
+    ("[tasks]\noffline = ['digits']\n[train]\nepoch = 3\n[methods.linear]\n", "train"),
+    ("[tasks]\noffline = ['digits']\n[protocol]\nfolds = 1\n[methods.linear]\n", "protocol.folds"),
+    ("[tasks]\noffline = ['digits']\n[methods.vqt]\noptions = { tokens = 0 }\n", "methods.vqt"),
+    ("[tasks\n", "not valid TOML"),
+])
+def test_bad_spec_is_one_line_naming_the_field(tmp_path, capsys, text, field):
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text)
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(spec) in err and field in err
+
+
+def test_report_without_a_store_is_an_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results store" in capsys.readouterr().err
+
+
+def test_ray_executor_matches_local(task, tmp_path):
+    ray = pytest.importorskip("ray")
+    spec = write_spec(tmp_path / "s.toml", task, seeds="[0]")
+    run_sweep(spec, tmp_path / "local", jobs=1, progress=False)
+    write_report(tmp_path / "local")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run_sweep(spec, tmp_path / "ray", executor="ray", progress=False)
+    finally:
+        ray.shutdown()
+    write_report(tmp_path / "ray")
+    assert accuracies(tmp_path / "local") and accuracies(tmp_path / "local") == accuracies(tmp_path / "ray")
