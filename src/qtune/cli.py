@@ -288,8 +288,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from .experiments.sweep import run_sweep
     from .report.sweep import write_report
 
+    from .memory.units import parse_bytes
+
+    budget = parse_bytes(args.memory_budget) if args.memory_budget else None
     spec_hash = run_sweep(args.spec, Path(args.out), executor=args.executor, jobs=args.jobs, address=args.address,
-                          max_stack=args.max_stack, progress=not args.quiet)
+                          max_stack=args.max_stack, memory_budget=budget, progress=not args.quiet)
     write_report(Path(args.out), spec_hash=spec_hash)
 
 
@@ -551,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (auto, HOST:PORT; default: start a local Ray)")
     p.add_argument("--jobs", type=int, help="local worker processes (default: one per core)")
     p.add_argument("--max-stack", type=int, default=24, help="side-path models trained together in one stack")
+    p.add_argument("--memory-budget", metavar="SIZE", help="fewer models per stack where one stacked training step "
+                                                           "would need more (e.g. 4GiB; measured as qtune memory)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sweep)
 

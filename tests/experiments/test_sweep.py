@@ -213,3 +213,42 @@ def test_ray_executor_matches_local(task, tmp_path):
         ray.shutdown()
     write_report(tmp_path / "ray")
     assert accuracies(tmp_path / "local") and accuracies(tmp_path / "local") == accuracies(tmp_path / "ray")
+
+
+def test_fewshot_tasks_select_on_val_train_on_shots_and_plot(tmp_path):
+    from qtune.experiments.spec import load_spec
+    from tests.data.test_benchmarks import make_fgvc
+
+    ann = make_fgvc(tmp_path / "fgvc")
+    methods = "[methods.linear]\ngrid = { lr = [0.01, 0.001] }\n"
+    spec = write_spec(tmp_path / "s.toml", tmp_path, selection="val", seeds="[0]", methods=methods)
+    text = spec.read_text().replace(f'vtab = ["{tmp_path}"]',
+                                    f'[[tasks.fgvc]]\nannotations = "{ann}"\nshots = [1, 2]\nseeds = [0, 1]')
+    spec.write_text(text)
+    sources = load_spec(spec).tasks
+    assert sorted(sources) == [f"oxford-pets-{k}shot-seed{s}" for k in (1, 2) for s in (0, 1)]
+    data = sources["oxford-pets-2shot-seed0"].read()
+    assert int(data.final_train.sum()) == 6 and int(data.val.sum()) == 2  # final runs: the shots only
+    assert not (data.final_train & data.val).any()
+    h = run_sweep(spec, tmp_path / "run", jobs=1, progress=False)
+    trials = Store(tmp_path / "run" / "store.sqlite").trials(h)
+    assert all(t.state == "done" for t in trials) and len([t for t in trials if t.kind == "final"]) == 4
+    assert {t.metrics["held_out"] for t in trials if t.kind == "fold"} == {2}
+    write_report(tmp_path / "run")
+    md = (tmp_path / "run" / "report" / "fewshot.md").read_text()
+    assert "1-shot" in md and "2-shot" in md and "oxford-pets" in md
+    assert (tmp_path / "run" / "report" / "fewshot.png").is_file()
+    spec.write_text(text.replace('selection = "val"', 'selection = "kfold"'))
+    with pytest.raises(Exception, match="few-shot tasks select on their val list"):
+        load_spec(spec)
+
+
+def test_memory_budget_cuts_the_stacks(task, tmp_path, capsys):
+    spec = write_spec(tmp_path / "s.toml", task, seeds="[0]",
+                      methods="[methods.vqt]\noptions = { tokens = 1 }\ngrid = { lr = [0.01, 0.1] }\n")
+    run_sweep(spec, tmp_path / "small", jobs=1, memory_budget=1)
+    out = capsys.readouterr().out
+    assert "1 model(s) per stack" in out and out.count("selection of 1 trial(s) done") == 6
+    run_sweep(spec, tmp_path / "large", jobs=1, memory_budget=2**40)
+    out = capsys.readouterr().out
+    assert "6 model(s) per stack" in out and out.count("selection of 6 trial(s) done") == 1

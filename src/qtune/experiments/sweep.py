@@ -23,12 +23,13 @@ from statistics import mean
 from typing import Any, Iterator
 
 from ..cache.manifest import backbone_key, digest
-from ..data.benchmarks import read_vtab
-from ..data.offline import ALL_TASKS, make_offline_benchmark
+from ..data.offline import make_offline_benchmark
 from ..errors import ConfigError
+from ..memory.units import format_bytes
 from ..methods import get_method
 from .spec import Candidate, SweepSpec, canonical, load_spec
 from .store import Store, Trial
+from .tasks import TaskSource
 
 EXECUTORS = ("local", "ray")
 STORE_FILE = "store.sqlite"
@@ -40,10 +41,16 @@ def store_path(out: Path) -> Path:
 
 # -- planning (driver) ----------------------------------------------------------------------------------------------
 
-def _task_identity(task_dir: Path) -> str:
+def _task_identity(source: TaskSource) -> str:
     """The task's data as the trials see it: its list files' bytes (the images are checked by the cache)."""
-    return digest(b"".join((task_dir / f).read_bytes() for f in sorted(os.listdir(task_dir))
-                           if f.endswith((".txt", ".json"))))
+    if source.kind == "vtab":
+        folder = Path(source.path)
+        files = [folder / f for f in sorted(os.listdir(folder)) if f.endswith((".txt", ".json"))]
+    else:
+        folder = Path(source.path)
+        files = [folder / f"train_meta.list.num_shot_{source.shots}.seed_{source.split_seed}",
+                 folder / "val_meta.list", folder / "test_meta.list"]
+    return digest(b"".join(f.read_bytes() for f in files))
 
 
 class Plan:
@@ -53,12 +60,12 @@ class Plan:
         self.spec, self.out = spec, out
         offline = [t for t, d in spec.tasks.items() if d is None]
         made = dict(zip(offline, make_offline_benchmark(out / "data", seed=0, tasks=offline))) if offline else {}
-        self.task_dirs = {t: (d or made[t]) for t, d in spec.tasks.items()}
-        self.num_classes = {t: len(read_vtab(d, ALL_TASKS[t].num_classes if t in ALL_TASKS else None)
-                                   ["train800val200"].classes) for t, d in self.task_dirs.items()}
+        self.sources = {t: (s or TaskSource(t, "vtab", str(made[t]))) for t, s in spec.tasks.items()}
+        # Every task's lists are read (and their files checked) here, before any work.
+        self.num_classes = {t: s.read().num_classes for t, s in self.sources.items()}
         backbone = spec.backbone.load()  # a bad backbone fails here, before any work
         self.backbone_key = backbone_key(backbone)
-        self.task_ids = {t: _task_identity(d) for t, d in self.task_dirs.items()}
+        self.task_ids = {t: _task_identity(s) for t, s in self.sources.items()}
         self.candidates = {(t, m.name): spec.candidates(t, m) for t in spec.tasks for m in spec.methods}
         self.hash = digest(canonical({"backbone": self.backbone_key, "tasks": self.task_ids,
                                       "candidates": {f"{t}/{m}": [asdict(c) for c in cs]
@@ -82,14 +89,14 @@ class Plan:
         return self.out / "cache" / f"{task}-{self.spec.cache_dtype}"
 
     def _key(self, task: str, method: str, c: Candidate, kind: str, fold: int, seed: int) -> str:
-        return digest(canonical({"backbone": self.backbone_key, "task": self.task_ids[task], "method": method,
+        return digest(canonical({"backbone": self.backbone_key, "task": [task, self.task_ids[task]], "method": method,
                                  "options": c.options, "train": c.config(seed=seed, shuffle_seed=self.spec.seed)
                                  .to_dict(), "kind": kind, "fold": fold, "protocol": self.protocol}).encode())[:20]
 
     def trial(self, task: str, method: str, c: Candidate, kind: str, fold: int, seed: int) -> Trial:
         return Trial(self._key(task, method, c, kind, fold, seed), task, method, kind, fold, seed, c.index,
                      {"options": c.options, "train": c.config(seed=seed, shuffle_seed=self.spec.seed).to_dict(),
-                      "group": self.spec.group(task), "task_dir": str(self.task_dirs[task])})
+                      "group": self.sources[task].group, "source": self.sources[task].to_dict()})
 
     def selection_trials(self) -> list[Trial]:
         """A method with one candidate on a task has nothing to choose: no selection trials."""
@@ -101,7 +108,7 @@ class Plan:
         return [self.trial(t, m, c, "final", -1, s) for (t, m), c in chosen.items() for s in self.spec.seeds]
 
     def unit(self, kind: str, task: str, items: list[dict[str, Any]], threads: int) -> dict[str, Any]:
-        return {"kind": kind, "task": task, "task_dir": str(self.task_dirs[task]),
+        return {"kind": kind, "task": task, "source": self.sources[task].to_dict(),
                 "num_classes": self.num_classes[task], "backbone": asdict(self.spec.backbone),
                 "cache": str(self.cache_dir(task)), "checkpoints": str(self.checkpoints(task)), "cache_dtype": self.spec.cache_dtype,
                 "protocol": self.protocol, "items": items, "threads": threads}
@@ -112,9 +119,9 @@ def _item(t: Trial) -> dict[str, Any]:
             "fold": t.fold}
 
 
-def _stacks(trials: list[Trial], max_stack: int) -> list[list[Trial]]:
-    """Selection trials cut into units: side-path trials of one structure in stacks of at most ``max_stack``,
-    each stream-method trial alone. Deterministic in the trials, so a rerun cuts the same stacks."""
+def _groups(trials: list[Trial]) -> dict[tuple, list[Trial]]:
+    """Selection trials that can share a stack: side-path trials of one task, method and structure; each
+    stream-method trial alone."""
     groups: dict[tuple, list[Trial]] = {}
     for t in trials:
         method = get_method(t.method)
@@ -123,7 +130,38 @@ def _stacks(trials: list[Trial], max_stack: int) -> list[list[Trial]]:
             groups.setdefault((t.task, t.method, structure), []).append(t)
         else:
             groups[(t.task, t.method, t.key)] = [t]
-    return [g[i:i + max_stack] for g in groups.values() for i in range(0, len(g), max_stack)]
+    return groups
+
+
+def _stack_sizes(plan: Plan, groups: dict[tuple, list[Trial]], budget: int, most: int) -> dict[tuple, int]:
+    """Per side-path group, the most models whose stacked training step fits ``budget`` bytes, measured on the
+    task's cache (``engine.many.models_per_stack``)."""
+    from ..cache import cached_splits
+    from ..engine.config import TrainConfig
+    from ..engine.many import models_per_stack
+    from ..tuned import TunedModel
+
+    backbone = plan.spec.backbone.load()
+    sizes = {}
+    for key, trials in groups.items():
+        t = trials[0]
+        if not get_method(t.method).reads_taps:
+            continue
+
+        def build(seed: int, t: Trial = t) -> TunedModel:
+            return TunedModel.build(backbone, t.method, plan.num_classes[t.task], t.config["options"], seed=seed)
+
+        served, notes = cached_splits(plan.cache_dir(t.task), build(0), {"pool": plan.sources[t.task].read().pool})
+        if "pool" not in served:
+            raise ConfigError(f"--memory-budget: cannot measure {t.method} on {t.task}: {notes[0]}")
+        sizes[key] = models_per_stack(build, served["pool"], TrainConfig(**t.config["train"]).batch_size, budget,
+                                      most)
+    return sizes
+
+
+def _stacks(groups: dict[tuple, list[Trial]], sizes: dict[tuple, int], most: int) -> list[list[Trial]]:
+    """Groups cut into stacks of their size (default ``most``); deterministic, so a rerun cuts the same stacks."""
+    return [g[i:i + sizes.get(k, most)] for k, g in groups.items() for i in range(0, len(g), sizes.get(k, most))]
 
 
 def choose(trials: list[Trial], candidates: list[Candidate]) -> tuple[Candidate, float] | None:
@@ -184,8 +222,11 @@ def execute(units: list[dict[str, Any]], executor: str, jobs: int, address: str 
 # -- the driver -----------------------------------------------------------------------------------------------------
 
 def run_sweep(spec_path: str | Path, out: str | Path, executor: str = "local", jobs: int | None = None,
-              address: str | None = None, max_stack: int = 24, progress: bool = True) -> str:
-    """Run (or resume) a sweep; returns its spec hash. Results are in ``out/store.sqlite``."""
+              address: str | None = None, max_stack: int = 24, memory_budget: int | None = None,
+              progress: bool = True) -> str:
+    """Run (or resume) a sweep; returns its spec hash. Results are in ``out/store.sqlite``. Side-path selection
+    trials train in stacks of at most ``max_stack`` models, fewer where a stack's measured training step would
+    exceed ``memory_budget`` bytes."""
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r}: choose from {', '.join(EXECUTORS)}")
     if max_stack < 1:
@@ -233,7 +274,12 @@ def run_sweep(spec_path: str | Path, out: str | Path, executor: str = "local", j
 
     needs_cache = {t.task for t in todo if get_method(t.method).reads_taps}
     run([plan.unit("cache", t, [], threads) for t in side_tasks if t in needs_cache], "cache")
-    units = [plan.unit("select", s[0].task, [_item(t) for t in s], threads) for s in _stacks(todo, max_stack)]
+    groups = _groups(todo)
+    sizes = _stack_sizes(plan, groups, memory_budget, max_stack) if memory_budget else {}
+    for key, size in sizes.items():
+        say(f"  {key[0]} {key[1]}: {min(size, len(groups[key]))} model(s) per stack within the "
+            f"{format_bytes(memory_budget)} budget")
+    units = [plan.unit("select", s[0].task, [_item(t) for t in s], threads) for s in _stacks(groups, sizes, max_stack)]
     for u in units:
         store.mark([i["key"] for i in u["items"]], "running")
     run(units, "selection")
@@ -285,16 +331,14 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
 def _load(unit: dict[str, Any]):
     from ..engine.job import BackboneSpec
 
-    backbone = BackboneSpec(**unit["backbone"]).load()
-    splits = read_vtab(unit["task_dir"], unit["num_classes"])
-    return backbone, splits
+    return BackboneSpec(**unit["backbone"]).load(), TaskSource(**unit["source"]).read()
 
 
 def _cache_unit(unit: dict[str, Any]) -> dict[str, Any]:
     from ..cache import build_cache
 
-    backbone, splits = _load(unit)
-    build_cache(unit["cache"], backbone, [splits["train800val200"]], dtype=unit["cache_dtype"], progress=False)
+    backbone, data = _load(unit)
+    build_cache(unit["cache"], backbone, [data.pool], dtype=unit["cache_dtype"], progress=False)
     return {"results": {}}
 
 
@@ -311,18 +355,15 @@ def _train_batches(model, unit: dict[str, Any], listing):
     return ImageBatches(ImageDataset(listing, model.backbone.preprocessing.transform()))
 
 
-def _held_out(unit: dict[str, Any], splits) -> "Any":
-    """(folds, N) held-out masks over train800val200: k stratified folds, or val200 as the one fold (-1)."""
-    import torch
-
+def _held_out(unit: dict[str, Any], data) -> "Any":
+    """(folds, N) held-out masks over the pool: k stratified folds, or the validation samples as the one fold (-1).
+    Outside the samples final runs train on (few-shot: the val list) a selection run never trains either."""
     from ..engine.many import fold_weights
 
-    trainval = splits["train800val200"]
     p = unit["protocol"]
     if p["selection"] == "kfold":
-        return fold_weights(trainval.labels, p["folds"], p["seed"])[1]
-    val = set(splits["val200"].sample_ids)
-    return torch.tensor([[rel in val for rel in trainval.sample_ids]])
+        return fold_weights(data.pool.labels, p["folds"], p["seed"])[1]
+    return data.val.unsqueeze(0)
 
 
 def _select_unit(unit: dict[str, Any]) -> dict[str, Any]:
@@ -333,21 +374,22 @@ def _select_unit(unit: dict[str, Any]) -> dict[str, Any]:
     from ..engine.many import accuracies, fit_many, predict_many
     from ..tuned import TunedModel
 
-    backbone, splits = _load(unit)
-    held = _held_out(unit, splits)
+    backbone, data = _load(unit)
+    held = _held_out(unit, data)
     items = unit["items"]
     cfgs = [TrainConfig(**i["train"]) for i in items]
     models = [TunedModel.build(backbone, i["method"], unit["num_classes"], i["options"], seed=c.seed)
               for i, c in zip(items, cfgs)]
     masks = torch.stack([held[max(i["fold"], 0)] for i in items])
-    batches = _train_batches(models[0], unit, splits["train800val200"])
+    weights = (~masks & (data.final_train | data.val)).float()
+    batches = _train_batches(models[0], unit, data.pool)
     t0 = time.perf_counter()
     if models[0].reads_taps:
-        fit_many(models, batches, cfgs, sample_weights=(~masks).float())
+        fit_many(models, batches, cfgs, sample_weights=weights)
         logits, labels = predict_many(models, batches, cfgs[0])
     else:
         [model], [cfg] = models, cfgs
-        fit(model, batches, cfg, sample_weight=(~masks[0]).float())
+        fit(model, batches, cfg, sample_weight=weights[0])
         one, labels = predict(model, batches, cfg)
         logits = one.unsqueeze(0)
     seconds = (time.perf_counter() - t0) / len(models)
@@ -367,8 +409,9 @@ def _final_unit(unit: dict[str, Any]) -> dict[str, Any]:
     from ..tuned import TunedModel
     from .benchmark import step_memory
 
-    backbone, splits = _load(unit)
-    trainval, test = splits["train800val200"], splits["test"]
+    backbone, data = _load(unit)
+    # Few-shot tasks: final runs train on the k shots only (weight 0 on the pool's val samples).
+    weight = None if bool(data.final_train.all()) else data.final_train.float()
     by_method: dict[str, list[dict[str, Any]]] = {}
     for i in unit["items"]:
         by_method.setdefault(i["method"], []).append(i)
@@ -378,29 +421,28 @@ def _final_unit(unit: dict[str, Any]) -> dict[str, Any]:
         cfgs = [TrainConfig(**i["train"]) for i in items]
         models = [TunedModel.build(backbone, method, unit["num_classes"], i["options"], seed=c.seed)
                   for i, c in zip(items, cfgs)]
-        batches = _train_batches(models[0], unit, trainval)
+        batches = _train_batches(models[0], unit, data.pool)
         t0 = time.perf_counter()
         if models[0].reads_taps:
-            fit_many(models, batches, cfgs)
+            fit_many(models, batches, cfgs, None if weight is None else weight.expand(len(models), -1))
         else:
             for m, c in zip(models, cfgs):
-                fit(m, batches, c)
+                fit(m, batches, c, sample_weight=weight)
         seconds = (time.perf_counter() - t0) / len(models)
         memory, kind = step_memory(models[0], batches, cfgs[0].batch_size)
         for i, m in zip(items, models):
-            if unit.get("checkpoints"):
-                save_adapter(Path(unit["checkpoints"]) / i["key"], m, trainval.classes,
-                             {"backbone_weights": unit["backbone"]["weights"], "trial": i["key"]})
+            save_adapter(Path(unit["checkpoints"]) / i["key"], m, data.pool.classes,
+                         {"backbone_weights": unit["backbone"]["weights"], "trial": i["key"]})
             results[i["key"]] = {"seconds": seconds, "trainable_parameters": m.num_trainable(),
                                  "memory_bytes": memory, "memory_kind": kind}
             trained.append((i, m))
     # The test split, traced once: every final model of the task reads each traced batch.
     batch = max(TrainConfig(**i["train"]).batch_size for i in unit["items"])
-    images = ImageBatches(ImageDataset(test, backbone.preprocessing.transform()))
+    images = ImageBatches(ImageDataset(data.test, backbone.preprocessing.transform()))
     logits, labels = predict_heads(backbone, [m for _, m in trained], images,
                                    TrainConfig(batch_size=batch, progress=False))
     for (i, _), out in zip(trained, logits):
         results[i["key"]].update(metric=(out.argmax(-1) == labels).float().mean().item(),
                                  metrics={"test_images": len(labels), "test_evaluations": 1,
-                                          "checkpoint": str(Path(unit.get("checkpoints") or ".") / i["key"])})
+                                          "checkpoint": str(Path(unit["checkpoints"]) / i["key"])})
     return {"results": results, "test_read": True}

@@ -46,7 +46,8 @@ def sweep_rows(store: Store, spec_hash: str) -> tuple[list[ResultRow], list[dict
         cv = [t.metric for t in folds if t.candidate == chosen.candidate and t.state == "done"]
         accs = [t.metric for t in finals]
         hparams = {"chosen": setting, "selection_accuracy": mean(cv) if cv else None,
-                   "seeds": [t.seed for t in finals], "seed_accuracies": accs, "std": pstdev(accs)}
+                   "seeds": [t.seed for t in finals], "seed_accuracies": accs, "std": pstdev(accs),
+                   "source": chosen.config.get("source")}
         group = chosen.config.get("group") or (ALL_TASKS[task].group if task in ALL_TASKS else "other")
         rows.append(ResultRow(method, task, group, mean(accs), chosen.trainable_parameters or 0,
                               chosen.memory_bytes or 0, chosen.memory_kind or "", mean(t.seconds or 0 for t in finals),
@@ -65,11 +66,64 @@ def _choices_markdown(choices: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def fewshot_curves(rows: list[ResultRow]) -> dict[str, dict[str, dict[int, list[float]]]]:
+    """Few-shot results as dataset -> method -> shots -> accuracies over the split seeds (each the mean of its
+    final runs' seeds)."""
+    curves: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for r in rows:
+        src = r.hparams.get("source") or {}
+        if src.get("kind") == "fgvc":
+            per = curves.setdefault(src["dataset"], {}).setdefault(r.method, {})
+            per.setdefault(src["shots"], []).append(r.accuracy)
+    return curves
+
+
+def plot_fewshot(path: Path, curves: dict[str, dict[str, dict[int, list[float]]]], title: str) -> Path:
+    """Accuracy against shots per dataset (SynQT paper, Fig. 4): mean over split seeds, the band one std."""
+    from .figures import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.4), dpi=150, squeeze=False)
+    for ax, (dataset, methods) in zip(axes[0], curves.items()):
+        for method, per in methods.items():
+            shots = sorted(per)
+            m = [100 * mean(per[k]) for k in shots]
+            sd = [100 * pstdev(per[k]) for k in shots]
+            ax.plot(shots, m, marker="o", markersize=3, label=method)
+            ax.fill_between(shots, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({k for per in methods.values() for k in per}))
+        ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+        ax.set_title(dataset, fontsize=9)
+        ax.set_xlabel("training images per class")
+        ax.set_ylabel("top-1 on test (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    from ..io import atomic_write
+
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return path
+
+
+def _fewshot_markdown(curves: dict[str, dict[str, dict[int, list[float]]]]) -> str:
+    shots = sorted({k for methods in curves.values() for per in methods.values() for k in per})
+    lines = ["| dataset | method | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+             "|---|---|" + "--:|" * len(shots)]
+    for dataset, methods in curves.items():
+        for method, per in methods.items():
+            cells = [f"{100 * mean(per[k]):.1f} ± {100 * pstdev(per[k]):.1f}" if k in per else "-" for k in shots]
+            lines.append(f"| {dataset} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _figures(store: Store, spec_hash: str, out: Path, root: Path) -> list[Path]:
     """Fig. 5 and Fig. 7 per task from the first seed's final checkpoints of the side-path methods with a head of
     their own (the linear probe's head reads the pooled feature, which the t-SNE shows anyway), on the test split."""
-    from ..data.benchmarks import read_vtab
     from ..engine.checkpoint import load_checkpoints
+    from ..experiments.tasks import TaskSource
     from ..methods import get_method
     from .figures import task_figures
 
@@ -85,8 +139,7 @@ def _figures(store: Store, spec_hash: str, out: Path, root: Path) -> list[Path]:
         if not ckpts:
             continue
         _, loaded = load_checkpoints(list(ckpts.values()))
-        task_dir = Path(next(iter(first.values())).config.get("task_dir") or root / "data" / task)
-        test = read_vtab(task_dir, loaded[0][1]["num_classes"])["test"]
+        test = TaskSource(**next(iter(first.values())).config["source"]).read().test
         paths += task_figures(out, task, [(m, model) for m, (model, _) in zip(ckpts, loaded)], test)
     return paths
 
@@ -109,21 +162,33 @@ def write_report(store_path: str | Path, out: str | Path | None = None, spec_has
     rows, choices = sweep_rows(store, spec_hash)
     out = Path(out) if out else store_path.parent / "report"
     out.mkdir(parents=True, exist_ok=True)
+    curves = fewshot_curves(rows)
+    if curves:  # few-shot tasks: their own table and Fig. 4, not columns of the VTAB table
+        write_text(out / "fewshot.md", _fewshot_markdown(curves) + "\n")
+        plot_fewshot(out / "fewshot.png", curves, f"sweep {name}: few-shot accuracy against shots")
+        rows = [r for r in rows if r.group != "fgvc"]
     drawn = _figures(store, spec_hash, out, store_path.parent) if figures else []
     store.close()
+    write_text(out / "chosen.md", _choices_markdown(choices) + "\n")
+    if rows:
+        _vtab_table(out, rows, f"sweep {name} ({spec_hash}): top-1 on test")
+    print(f"report of sweep {name} ({spec_hash}) written to {out}"
+          + (f" with {len(drawn)} figure(s)" if figures else ""))
+    return out
+
+
+def _vtab_table(out: Path, rows: list[ResultRow], title: str) -> None:
+    """The paper's Table 1 layout (tasks in its order, group means, their mean) and Fig. 3 (accuracy against
+    training memory)."""
     tasks = _task_order([r.task for r in rows])
     group_of = {r.task: r.group for r in rows}
     groups = [g for g in (*VTAB_GROUPS, "other") if g in group_of.values()]
     summary = benchmark_table(rows, groups, {t: group_of[t] for t in tasks})
     text = format_table(summary, tasks, groups)
     write_results(out, rows, summary, text, format_markdown(summary, tasks, groups))
-    write_text(out / "chosen.md", _choices_markdown(choices) + "\n")
     kinds = sorted({r.memory_kind for r in rows if r.memory_kind})
     chance = None
-    if all(t in ALL_TASKS for t in tasks) and tasks:
+    if all(t in ALL_TASKS for t in tasks):
         chance = mean(mean(1 / ALL_TASKS[t].num_classes for t in tasks if group_of[t] == g) for g in groups)
-    plot_accuracy_vs_memory(out, summary, ", ".join(kinds), f"sweep {name} ({spec_hash}): top-1 on test", chance)
+    plot_accuracy_vs_memory(out, summary, ", ".join(kinds), title, chance)
     print(text)
-    print(f"report of sweep {name} ({spec_hash}) written to {out}"
-          + (f" with {len(drawn)} figure(s)" if figures else ""))
-    return out
