@@ -17,7 +17,8 @@ def test_demo_writes_table_results_and_plot(tmp_path, capsys):
     for name in ("table.txt", "table.md", "summary.csv", "summary.json", "results.json", "accuracy_vs_memory.png"):
         assert (tmp_path / name).stat().st_size > 0
     rows = json.loads((tmp_path / "results.json").read_text())
-    assert all("val_accuracy" in r["hparams"] for r in rows)  # the choice was made on validation
+    assert all(r["hparams"]["selection_accuracy"] is not None for r in rows)  # the choice was made on validation
+    assert (tmp_path / "spec.toml").is_file() and (tmp_path / "store.sqlite").is_file()
     assert "dsprites_loc" in capsys.readouterr().out
 
 

@@ -280,7 +280,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     run_demo(Path(args.out), methods=args.methods.split(","), tasks=args.tasks.split(",") if args.tasks else None,
              weights=args.weights, quick=args.quick, progress=not args.quiet, epochs=args.epochs,
-             threads=args.threads, jobs=args.jobs, cache_dtype=args.cache_dtype, overwrite=args.overwrite,
+             jobs=args.jobs, cache_dtype=args.cache_dtype, overwrite=args.overwrite,
              keep_caches=args.keep_caches)
 
 
@@ -532,8 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="comma-separated offline tasks (default: all)")
     p.add_argument("--weights", help="another backbone folder/file instead of the shipped demo backbone")
     p.add_argument("--epochs", type=int, help="epochs per run (default 15, quick 5)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per task (the demo model is overhead-bound)")
-    p.add_argument("--jobs", type=int, help="tasks run at once, each in its own process (default: one per core)")
+    p.add_argument("--jobs", type=int, help="worker processes, one torch thread each (default: one per core)")
     p.add_argument("--cache-dtype", choices=("fp32", "fp16", "bf16"), default="fp16",
                    help="storage of the per-task K/V caches (default fp16: half the disk; fp32 trains exactly as live)")
     p.add_argument("--keep-caches", action="store_true", help="keep the per-task caches in OUT/cache (deleted at "

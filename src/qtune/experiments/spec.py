@@ -6,6 +6,7 @@ weights = "demo"
 
 [tasks]
 offline = ["dsprites_loc", "mnist"]   # qtune's offline tasks, generated under the sweep's folder
+offline_test_size = 500               # their test images
 vtab = ["data/vtab-1k/cifar"]         # VTAB-1k task folders (train800, val200, train800val200, test lists)
 [[tasks.fgvc]]                        # few-shot FGVC (NOAH lists): one task per shots x split seed
 annotations = "data/fgvc/oxford-pets/annotations"
@@ -99,6 +100,7 @@ class SweepSpec:
     cache_dtype: str
     methods: list[MethodSpec]
     overrides: dict[str, dict[str, dict[str, Any]]]
+    offline_test_size: int = 500
 
     def candidates(self, task: str, method: MethodSpec) -> list[Candidate]:
         """The method's grid on ``task``: preset < spec [train] < method < override < grid point."""
@@ -156,7 +158,10 @@ def load_spec(path: str | Path) -> SweepSpec:
     backbone = BackboneSpec(**bb)
 
     tasks_raw = _table(raw.get("tasks", {}), where("tasks"))
-    _check_keys(tasks_raw, ("offline", "vtab", "fgvc"), where("tasks"))
+    _check_keys(tasks_raw, ("offline", "offline_test_size", "vtab", "fgvc"), where("tasks"))
+    test_size = tasks_raw.get("offline_test_size", 500)
+    if not isinstance(test_size, int) or isinstance(test_size, bool) or test_size < 1:
+        raise ConfigError(f"{where('tasks', 'offline_test_size')}: a whole number >= 1 (got {test_size!r})")
     tasks: dict[str, TaskSource | None] = {}
     for name in tasks_raw.get("offline", []):
         if name not in ALL_TASKS:
@@ -224,7 +229,7 @@ def load_spec(path: str | Path) -> SweepSpec:
             _check_keys(_table(o, where("overrides", task, mname)), ("options", "train"),
                         where("overrides", task, mname))
     spec = SweepSpec(path, str(raw.get("name", path.stem)), backbone, tasks, train, selection, folds,
-                     int(proto.get("seed", 0)), seeds, cache_dtype, methods, overrides)
+                     int(proto.get("seed", 0)), seeds, cache_dtype, methods, overrides, test_size)
     for task in tasks:  # every candidate's options and schedule are valid before anything runs
         for m in methods:
             for c in spec.candidates(task, m):

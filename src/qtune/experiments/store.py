@@ -16,6 +16,7 @@ from typing import Any, Iterable
 from ..errors import ConfigError
 
 STATES = ("pending", "running", "done", "failed")
+STORE_FILES = ("store.sqlite", "store.sqlite-wal", "store.sqlite-shm")  # the store and SQLite's WAL companions
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sweeps (spec_hash TEXT PRIMARY KEY, name TEXT, spec TEXT, started REAL, finished REAL);
 CREATE TABLE IF NOT EXISTS trials (

@@ -28,11 +28,11 @@ from ..errors import ConfigError
 from ..memory.units import format_bytes
 from ..methods import get_method
 from .spec import Candidate, SweepSpec, canonical, load_spec
-from .store import Store, Trial
+from .store import STORE_FILES, Store, Trial
 from .tasks import TaskSource
 
 EXECUTORS = ("local", "ray")
-STORE_FILE = "store.sqlite"
+STORE_FILE = STORE_FILES[0]
 
 
 def store_path(out: Path) -> Path:
@@ -59,7 +59,8 @@ class Plan:
     def __init__(self, spec: SweepSpec, out: Path):
         self.spec, self.out = spec, out
         offline = [t for t, d in spec.tasks.items() if d is None]
-        made = dict(zip(offline, make_offline_benchmark(out / "data", seed=0, tasks=offline))) if offline else {}
+        made = (dict(zip(offline, make_offline_benchmark(out / "data", seed=0, tasks=offline,
+                                                          test_size=spec.offline_test_size))) if offline else {})
         self.sources = {t: (s or TaskSource(t, "vtab", str(made[t]))) for t, s in spec.tasks.items()}
         # Every task's lists are read (and their files checked) here, before any work.
         self.num_classes = {t: s.read().num_classes for t, s in self.sources.items()}
@@ -107,11 +108,12 @@ class Plan:
     def final_trials(self, chosen: dict[tuple[str, str], Candidate]) -> list[Trial]:
         return [self.trial(t, m, c, "final", -1, s) for (t, m), c in chosen.items() for s in self.spec.seeds]
 
-    def unit(self, kind: str, task: str, items: list[dict[str, Any]], threads: int) -> dict[str, Any]:
+    def unit(self, kind: str, task: str, items: list[dict[str, Any]], threads: int,
+             progress: bool = False) -> dict[str, Any]:
         return {"kind": kind, "task": task, "source": self.sources[task].to_dict(),
                 "num_classes": self.num_classes[task], "backbone": asdict(self.spec.backbone),
                 "cache": str(self.cache_dir(task)), "checkpoints": str(self.checkpoints(task)), "cache_dtype": self.spec.cache_dtype,
-                "protocol": self.protocol, "items": items, "threads": threads}
+                "protocol": self.protocol, "items": items, "threads": threads, "progress": progress}
 
 
 def _item(t: Trial) -> dict[str, Any]:
@@ -223,10 +225,11 @@ def execute(units: list[dict[str, Any]], executor: str, jobs: int, address: str 
 
 def run_sweep(spec_path: str | Path, out: str | Path, executor: str = "local", jobs: int | None = None,
               address: str | None = None, max_stack: int = 24, memory_budget: int | None = None,
-              progress: bool = True) -> str:
+              threads: int = 1, progress: bool = True) -> str:
     """Run (or resume) a sweep; returns its spec hash. Results are in ``out/store.sqlite``. Side-path selection
     trials train in stacks of at most ``max_stack`` models, fewer where a stack's measured training step would
-    exceed ``memory_budget`` bytes."""
+    exceed ``memory_budget`` bytes. Each unit runs on ``threads`` torch threads, whatever the executor, so results do
+    not depend on it (float sums are ordered by the thread count)."""
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r}: choose from {', '.join(EXECUTORS)}")
     if max_stack < 1:
@@ -234,7 +237,6 @@ def run_sweep(spec_path: str | Path, out: str | Path, executor: str = "local", j
     from .benchmark import default_jobs
 
     jobs = jobs or default_jobs()
-    threads = 1 if executor == "ray" or jobs > 1 else max(1, default_jobs())
     spec = load_spec(spec_path)
     out = Path(out)
     plan = Plan(spec, out)
@@ -279,7 +281,8 @@ def run_sweep(spec_path: str | Path, out: str | Path, executor: str = "local", j
     for key, size in sizes.items():
         say(f"  {key[0]} {key[1]}: {min(size, len(groups[key]))} model(s) per stack within the "
             f"{format_bytes(memory_budget)} budget")
-    units = [plan.unit("select", s[0].task, [_item(t) for t in s], threads) for s in _stacks(groups, sizes, max_stack)]
+    units = [plan.unit("select", s[0].task, [_item(t) for t in s], threads, progress)
+             for s in _stacks(groups, sizes, max_stack)]
     for u in units:
         store.mark([i["key"] for i in u["items"]], "running")
     run(units, "selection")
@@ -302,7 +305,7 @@ def run_sweep(spec_path: str | Path, out: str | Path, executor: str = "local", j
         per_task.setdefault(t.task, []).append(t)
     if any(get_method(t.method).reads_taps for t in todo_finals):
         run([plan.unit("cache", t, [], threads) for t in per_task if t not in needs_cache], "cache")
-    units = [plan.unit("final", task, [_item(t) for t in ts], threads) for task, ts in per_task.items()]
+    units = [plan.unit("final", task, [_item(t) for t in ts], threads, progress) for task, ts in per_task.items()]
     for u in units:
         store.mark([i["key"] for i in u["items"]], "running")
     run(units, "final runs and test")
@@ -320,12 +323,15 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
     """Run one unit; never raises: an error comes back as ``{"error": ...}`` for the driver to record."""
     import torch
 
+    before = torch.get_num_threads()
     try:
         torch.set_num_threads(unit["threads"])
         return {"cache": _cache_unit, "select": _select_unit, "final": _final_unit}[unit["kind"]](unit)
     except Exception as e:  # noqa: BLE001 - any failure of a unit is recorded, not raised
         where = traceback.extract_tb(e.__traceback__)[-1]
         return {"error": f"{type(e).__name__}: {e} ({Path(where.filename).name}:{where.lineno})"}
+    finally:
+        torch.set_num_threads(before)
 
 
 def _load(unit: dict[str, Any]):
@@ -340,6 +346,20 @@ def _cache_unit(unit: dict[str, Any]) -> dict[str, Any]:
     backbone, data = _load(unit)
     build_cache(unit["cache"], backbone, [data.pool], dtype=unit["cache_dtype"], progress=False)
     return {"results": {}}
+
+
+def _epoch_ticker(unit: dict[str, Any], what: str, every: float = 20.0):
+    """An on-epoch callback printing a line at most every ``every`` seconds (None without progress): no long stretch
+    of a sweep is silent."""
+    if not unit.get("progress"):
+        return None
+    last = [time.perf_counter()]
+
+    def tick(epoch: int) -> None:
+        if time.perf_counter() - last[0] >= every:
+            last[0] = time.perf_counter()
+            print(f"    {unit['task']} {what}: epoch {epoch} done", flush=True)
+    return tick
 
 
 def _train_batches(model, unit: dict[str, Any], listing):
@@ -384,12 +404,13 @@ def _select_unit(unit: dict[str, Any]) -> dict[str, Any]:
     weights = (~masks & (data.final_train | data.val)).float()
     batches = _train_batches(models[0], unit, data.pool)
     t0 = time.perf_counter()
+    tick = _epoch_ticker(unit, f"{items[0]['method']} selection x{len(items)}")
     if models[0].reads_taps:
-        fit_many(models, batches, cfgs, sample_weights=weights)
+        fit_many(models, batches, cfgs, sample_weights=weights, on_epoch=tick and (lambda e, _: tick(e)))
         logits, labels = predict_many(models, batches, cfgs[0])
     else:
         [model], [cfg] = models, cfgs
-        fit(model, batches, cfg, sample_weight=weights[0])
+        fit(model, batches, cfg, sample_weight=weights[0], on_epoch=tick and (lambda r: tick(r["epoch"])))
         one, labels = predict(model, batches, cfg)
         logits = one.unsqueeze(0)
     seconds = (time.perf_counter() - t0) / len(models)
@@ -417,25 +438,27 @@ def _final_unit(unit: dict[str, Any]) -> dict[str, Any]:
         by_method.setdefault(i["method"], []).append(i)
     results: dict[str, dict[str, Any]] = {}
     trained: list[tuple[dict[str, Any], TunedModel]] = []
+    measure = []
     for method, items in by_method.items():
         cfgs = [TrainConfig(**i["train"]) for i in items]
         models = [TunedModel.build(backbone, method, unit["num_classes"], i["options"], seed=c.seed)
                   for i, c in zip(items, cfgs)]
         batches = _train_batches(models[0], unit, data.pool)
         t0 = time.perf_counter()
+        tick = _epoch_ticker(unit, f"{method} final x{len(models)}")
         if models[0].reads_taps:
-            fit_many(models, batches, cfgs, None if weight is None else weight.expand(len(models), -1))
+            fit_many(models, batches, cfgs, None if weight is None else weight.expand(len(models), -1),
+                     on_epoch=tick and (lambda e, _: tick(e)))
         else:
             for m, c in zip(models, cfgs):
-                fit(m, batches, c, sample_weight=weight)
+                fit(m, batches, c, sample_weight=weight, on_epoch=tick and (lambda r: tick(r["epoch"])))
         seconds = (time.perf_counter() - t0) / len(models)
-        memory, kind = step_memory(models[0], batches, cfgs[0].batch_size)
         for i, m in zip(items, models):
             save_adapter(Path(unit["checkpoints"]) / i["key"], m, data.pool.classes,
                          {"backbone_weights": unit["backbone"]["weights"], "trial": i["key"]})
-            results[i["key"]] = {"seconds": seconds, "trainable_parameters": m.num_trainable(),
-                                 "memory_bytes": memory, "memory_kind": kind}
+            results[i["key"]] = {"seconds": seconds, "trainable_parameters": m.num_trainable()}
             trained.append((i, m))
+        measure.append((items, models[0], batches, cfgs[0].batch_size))
     # The test split, traced once: every final model of the task reads each traced batch.
     batch = max(TrainConfig(**i["train"]).batch_size for i in unit["items"])
     images = ImageBatches(ImageDataset(data.test, backbone.preprocessing.transform()))
@@ -445,4 +468,9 @@ def _final_unit(unit: dict[str, Any]) -> dict[str, Any]:
         results[i["key"]].update(metric=(out.argmax(-1) == labels).float().mean().item(),
                                  metrics={"test_images": len(labels), "test_evaluations": 1,
                                           "checkpoint": str(Path(unit["checkpoints"]) / i["key"])})
+    # Memory last: measuring takes a training step, which changes the model it measures.
+    for items, model, batches, batch_size in measure:
+        memory, kind = step_memory(model, batches, batch_size)
+        for i in items:
+            results[i["key"]].update(memory_bytes=memory, memory_kind=kind)
     return {"results": results, "test_read": True}

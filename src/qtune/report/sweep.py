@@ -145,10 +145,11 @@ def _figures(store: Store, spec_hash: str, out: Path, root: Path) -> list[Path]:
 
 
 def write_report(store_path: str | Path, out: str | Path | None = None, spec_hash: str | None = None,
-                 figures: bool = False) -> Path:
+                 figures: bool = False, quiet: bool = False) -> list[dict]:
     """table.md / table.txt / summary.csv / summary.json / results.json, chosen.md and accuracy_vs_memory.png for one
     sweep of the store (default: the latest), in ``out`` (default: ``report/`` beside the store); with ``figures``,
-    also the t-SNE and feature-weight plots of the final checkpoints (``_figures``)."""
+    also the t-SNE and feature-weight plots of the final checkpoints (``_figures``). Returns the table's rows: per
+    method, per-task accuracy, group means and their mean."""
     store_path = Path(store_path)
     if store_path.is_dir():
         store_path = store_path / "store.sqlite"
@@ -170,14 +171,14 @@ def write_report(store_path: str | Path, out: str | Path | None = None, spec_has
     drawn = _figures(store, spec_hash, out, store_path.parent) if figures else []
     store.close()
     write_text(out / "chosen.md", _choices_markdown(choices) + "\n")
-    if rows:
-        _vtab_table(out, rows, f"sweep {name} ({spec_hash}): top-1 on test")
-    print(f"report of sweep {name} ({spec_hash}) written to {out}"
-          + (f" with {len(drawn)} figure(s)" if figures else ""))
-    return out
+    summary = _vtab_table(out, rows, f"{name}: top-1 on test", quiet) if rows else []
+    if not quiet:
+        print(f"report of sweep {name} ({spec_hash}) written to {out}"
+              + (f" with {len(drawn)} figure(s)" if figures else ""))
+    return summary
 
 
-def _vtab_table(out: Path, rows: list[ResultRow], title: str) -> None:
+def _vtab_table(out: Path, rows: list[ResultRow], title: str, quiet: bool) -> list[dict]:
     """The paper's Table 1 layout (tasks in its order, group means, their mean) and Fig. 3 (accuracy against
     training memory)."""
     tasks = _task_order([r.task for r in rows])
@@ -191,4 +192,6 @@ def _vtab_table(out: Path, rows: list[ResultRow], title: str) -> None:
     if all(t in ALL_TASKS for t in tasks):
         chance = mean(mean(1 / ALL_TASKS[t].num_classes for t in tasks if group_of[t] == g) for g in groups)
     plot_accuracy_vs_memory(out, summary, ", ".join(kinds), title, chance)
-    print(text)
+    if not quiet:
+        print("\n" + text)
+    return summary
