@@ -369,3 +369,12 @@ def test_tensorboard_is_optional(shapes, tmp_path, capsys):
     else:
         assert main(argv) == 0
         assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    import subprocess
+    import sys
+
+    cmd = f"{sys.executable} -m qtune.cli methods --options synqt | true"  # the reader is gone before any write
+    done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == ""

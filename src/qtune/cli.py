@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -576,12 +577,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "quiet", False):
             args.progress = False
         args.func(args)
+        sys.stdout.flush()  # here, so that a reader that left shows up as BrokenPipeError below
     except QtuneError as e:
         print(f"qtune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qtune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `qtune methods | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 
