@@ -86,10 +86,17 @@ class Store:
         return row[0]
 
     def sweep_name(self, spec_hash: str) -> str:
-        row = self.db.execute("SELECT name FROM sweeps WHERE spec_hash = ?", (spec_hash,)).fetchone()
+        return self._sweep(spec_hash)[0]
+
+    def sweep_spec(self, spec_hash: str) -> str:
+        """The spec's text as it was when the sweep ran."""
+        return self._sweep(spec_hash)[1]
+
+    def _sweep(self, spec_hash: str) -> tuple[str, str]:
+        row = self.db.execute("SELECT name, spec FROM sweeps WHERE spec_hash = ?", (spec_hash,)).fetchone()
         if row is None:
             raise ConfigError(f"{self.path}: no sweep {spec_hash!r} in this store")
-        return row[0]
+        return row
 
     # -- trials --
     def add(self, trials: Iterable[Trial]) -> None:

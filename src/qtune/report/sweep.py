@@ -11,14 +11,16 @@ from ..io import write_text
 from .tables import ResultRow, benchmark_table, format_markdown, format_table, plot_accuracy_vs_memory, write_results
 
 
-def _task_order(tasks: list[str]) -> list[str]:
-    """VTAB-1k tasks in the paper's Table 1 order, then the others in the order met."""
-    order = list(VTAB_TASKS)
+def _task_order(tasks: list[str], group_of: dict[str, str]) -> list[str]:
+    """Natural, Specialized, Structured (then others); within a group VTAB-1k tasks in the paper's Table 1 order,
+    then the others in the order met."""
+    order, groups = list(VTAB_TASKS), [*VTAB_GROUPS, "other"]
 
-    def rank(t: str) -> int:
+    def rank(t: str) -> tuple[int, int, int]:
         known = vtab_task(t)
-        return order.index(known.name) if known else len(order)
-    return sorted(dict.fromkeys(tasks), key=lambda t: (rank(t), tasks.index(t)))
+        group = groups.index(group_of[t]) if group_of[t] in groups else len(groups)
+        return group, order.index(known.name) if known else len(order), tasks.index(t)
+    return sorted(dict.fromkeys(tasks), key=rank)
 
 
 def _varied(trials: list[Trial]) -> list[str]:
@@ -28,11 +30,23 @@ def _varied(trials: list[Trial]) -> list[str]:
     return [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1 and k not in ("seed", "shuffle_seed")]
 
 
+def _method_order(spec_text: str) -> list[str]:
+    """The methods in the order the spec lists them (the table's row order)."""
+    from ..experiments.spec import tomllib
+
+    try:
+        return list(tomllib.loads(spec_text).get("methods", {}))
+    except tomllib.TOMLDecodeError:
+        return []
+
+
 def sweep_rows(store: Store, spec_hash: str) -> tuple[list[ResultRow], list[dict]]:
     """One row per (task, method) from the final runs (mean over seeds), and the choices made."""
     trials = store.trials(spec_hash)
     rows, choices = [], []
-    pairs = dict.fromkeys((t.task, t.method) for t in trials)
+    order = _method_order(store.sweep_spec(spec_hash))
+    pairs = sorted(dict.fromkeys((t.task, t.method) for t in trials),
+                   key=lambda p: order.index(p[1]) if p[1] in order else len(order))
     for task, method in pairs:
         mine = [t for t in trials if t.task == task and t.method == method]
         finals = [t for t in mine if t.kind == "final" and t.state == "done"]
@@ -181,8 +195,8 @@ def write_report(store_path: str | Path, out: str | Path | None = None, spec_has
 def _vtab_table(out: Path, rows: list[ResultRow], title: str, quiet: bool) -> list[dict]:
     """The paper's Table 1 layout (tasks in its order, group means, their mean) and Fig. 3 (accuracy against
     training memory)."""
-    tasks = _task_order([r.task for r in rows])
     group_of = {r.task: r.group for r in rows}
+    tasks = _task_order([r.task for r in rows], group_of)
     groups = [g for g in (*VTAB_GROUPS, "other") if g in group_of.values()]
     summary = benchmark_table(rows, groups, {t: group_of[t] for t in tasks})
     text = format_table(summary, tasks, groups)
