@@ -291,7 +291,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     from .memory.units import parse_bytes
 
-    budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+    try:
+        budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+    except ConfigError as e:
+        raise ConfigError(f"--memory-budget: {e}") from None
     spec_hash = run_sweep(args.spec, Path(args.out), executor=args.executor, jobs=args.jobs, address=args.address,
                           max_stack=args.max_stack, memory_budget=budget, progress=not args.quiet)
     write_report(Path(args.out), spec_hash=spec_hash)
