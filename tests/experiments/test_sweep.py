@@ -152,6 +152,17 @@ def test_sigkilled_sweep_resumes_to_the_same_table(task, tmp_path):
     assert accuracies(out) and accuracies(out) == accuracies(whole)
 
 
+def test_specs_with_other_backbones_share_an_output_folder(task, tmp_path):
+    methods = "[methods.vqt]\noptions = { tokens = 1 }\n"
+    spec = write_spec(tmp_path / "a.toml", task, seeds="[0]", methods=methods)
+    other = tmp_path / "b.toml"
+    other.write_text(spec.read_text().replace("[backbone]", "[backbone]\ninit_seed = 1"))
+    for s in (spec, other):
+        h = run_sweep(s, tmp_path / "run", jobs=1, progress=False)
+        assert all(t.state == "done" for t in Store(tmp_path / "run" / "store.sqlite").trials(h))
+    assert len(list((tmp_path / "run" / "cache").iterdir())) == 2
+
+
 def test_val_selection_holds_out_val200(task, tmp_path):
     spec = write_spec(tmp_path / "s.toml", task, selection="val", seeds="[0]",
                       methods="[methods.linear]\ngrid = { lr = [0.01, 0.001] }\n")

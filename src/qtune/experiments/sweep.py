@@ -87,7 +87,9 @@ class Plan:
         return self.out / "checkpoints" / task
 
     def cache_dir(self, task: str) -> Path:
-        return self.out / "cache" / f"{task}-{self.spec.cache_dtype}"
+        """Per task, dtype and backbone: two specs sharing an output folder never compete for one cache."""
+        backbone = digest(canonical(self.backbone_key).encode())[:8]
+        return self.out / "cache" / f"{task}-{self.spec.cache_dtype}-{backbone}"
 
     def _key(self, task: str, method: str, c: Candidate, kind: str, fold: int, seed: int) -> str:
         return digest(canonical({"backbone": self.backbone_key, "task": [task, self.task_ids[task]], "method": method,
