@@ -285,6 +285,43 @@ def cmd_demo(args: argparse.Namespace) -> None:
              keep_caches=args.keep_caches)
 
 
+def cmd_compress(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
+    from .data import ImageDataset, read_split
+    from .engine.checkpoint import load_checkpoints, save_adapter
+    from .engine.compress import compress_vqt
+    from .engine.config import TrainConfig
+    from .engine.loop import ImageBatches, evaluate
+    from .io import write_json
+
+    out = Path(args.out)
+    if (out / "checkpoint").exists() and not args.overwrite:
+        raise ConfigError(f"{out}: holds a compressed checkpoint (pass --overwrite to replace it)")
+    _, [(model, cfg)] = load_checkpoints([args.checkpoint], args.weights)
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    run = TrainConfig(**{"progress": False, **given})
+    transform = model.backbone.preprocessing.transform()
+
+    def batches(path: str) -> ImageBatches:
+        return ImageBatches(ImageDataset(read_split(path, classes=cfg["classes"], num_classes=cfg["num_classes"]),
+                                         transform))
+
+    small, info = compress_vqt(model, batches(args.data), args.keep, run, args.penalty)
+    if args.test:
+        test = batches(args.test)
+        info["test_accuracy_before"] = evaluate(model, test, run)["accuracy"]
+        info["test_accuracy_after"] = evaluate(small, test, run)["accuracy"]
+    save_adapter(out / "checkpoint", small, cfg["classes"], {"backbone_weights": cfg.get("backbone_weights")})
+    write_json(out / "result.json", info)
+    line = (f"head input {info['features_before']} -> {info['features_after']} dimensions, head parameters "
+            f"{info['head_parameters_before']:,} -> {info['head_parameters_after']:,}")
+    if args.test:
+        line += (f"; test accuracy {100 * info['test_accuracy_before']:.1f}% -> "
+                 f"{100 * info['test_accuracy_after']:.1f}%")
+    print(f"{line}; written to {out}")
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     from .experiments.sweep import run_sweep
     from .report.sweep import write_report
@@ -545,6 +582,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in --out")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("compress", help="VQT's feature selection: keep the head's most used input dimensions "
+                                        "(L2,1-penalised classifier), retrain the head on them",
+                       epilog="example: qtune compress --checkpoint runs/vqt/checkpoint --data task/train800val200.txt "
+                              "--test task/test.txt --keep 0.7 --out runs/vqt-0.7")
+    p.add_argument("--checkpoint", required=True, help="a VQT checkpoint folder")
+    p.add_argument("--weights", help="backbone weights, if the checkpoint's backbone was loaded from a file")
+    p.add_argument("--data", required=True, help="the training images (folder or list file)")
+    p.add_argument("--test", help="test images: accuracy before and after (read once each)")
+    p.add_argument("--keep", type=float, default=0.7, help="fraction of the head's input dimensions kept (0.7)")
+    p.add_argument("--penalty", type=float, default=1e-4, help="L2,1 penalty of the selection classifier (1e-4, "
+                                                               "the authors' default)")
+    p.add_argument("--out", required=True, help="folder for the compressed checkpoint and result.json")
+    p.add_argument("--overwrite", action="store_true", help="replace a compressed checkpoint in --out")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("sweep", help="the papers' protocol from a TOML spec: k-fold or val selection, final runs with "
                                      "seeds, test read once; resumable (results in OUT/store.sqlite)",

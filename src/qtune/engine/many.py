@@ -12,6 +12,7 @@ of fold k by 0 (``fold_weights``), then is evaluated on exactly those.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any, Callable, Sequence
@@ -35,7 +36,7 @@ SHARED = ("epochs", "batch_size", "precision", "device", "num_workers")
 def stack_key(model: TunedModel) -> tuple:
     """Models with equal keys can train in one stack: same method, classes, structure and backbone."""
     method = model.method
-    return (method.name, method.num_classes, tuple(sorted(method.config.structure().items())), id(model.backbone))
+    return (method.name, method.num_classes, json.dumps(method.config.structure(), sort_keys=True), id(model.backbone))
 
 
 class ModelStack:

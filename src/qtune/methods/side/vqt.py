@@ -14,6 +14,7 @@ from torch import nn
 
 from ...backbones import Backbone, Taps
 from ..registry import register
+from ...errors import ConfigError
 from ..base import Method, MethodConfig, positive, probability
 from ..layers import vpt_head, vpt_uniform_bound
 from ..masks import Dropout
@@ -24,10 +25,16 @@ class VQTConfig(MethodConfig):
     tokens: int = field(default=1, metadata={"help": "query tokens per block (n)"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on the queries"})
     normalize: bool = field(default=True, metadata={"help": "L2-normalise each block's features before the head"})
+    feature_ids: list[int] | None = field(default=None, metadata={
+        "help": "the head's input dimensions kept by compression (qtune compress); default all"})
 
     def validate(self) -> None:
         positive("tokens", self.tokens)
         probability("dropout", self.dropout)
+        ids = self.feature_ids
+        if ids is not None and (not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids)
+                                or len(set(ids)) != len(ids)):
+            raise ConfigError("feature_ids must be distinct non-negative whole numbers (or unset)")
 
 
 @register
@@ -41,7 +48,12 @@ class VQT(Method):
         bound = vpt_uniform_bound(backbone.patch_size, backbone.dim)
         self.queries = nn.Parameter(torch.empty(backbone.depth, config.tokens, backbone.dim).uniform_(-bound, bound))
         self.drop = Dropout(config.dropout)
-        self.head = vpt_head((1 + backbone.depth * config.tokens) * backbone.dim, num_classes)
+        width = (1 + backbone.depth * config.tokens) * backbone.dim
+        ids = config.feature_ids
+        if ids is not None and max(ids) >= width:
+            raise ConfigError(f"feature_ids: {max(ids)} is beyond the {width} features of this backbone")
+        self.register_buffer("kept", None if ids is None else torch.tensor(sorted(ids)), persistent=False)
+        self.head = vpt_head(width if ids is None else len(ids), num_classes)
 
     def classifier(self) -> nn.Linear:
         return self.head
@@ -54,4 +66,5 @@ class VQT(Method):
             feats.append(taps.query(backbone, i, q).out.flatten(1))
         if self.config.normalize:
             feats = [F.normalize(f, dim=-1) for f in feats]
-        return self.head(torch.cat(feats, dim=-1))
+        x = torch.cat(feats, dim=-1)
+        return self.head(x if self.kept is None else x[:, self.kept])
