@@ -305,8 +305,8 @@ def run_sweep(spec_path: str | Path, out: str | Path, executor: str = "local", j
     per_task: dict[str, list[Trial]] = {}
     for t in todo_finals:
         per_task.setdefault(t.task, []).append(t)
-    if any(get_method(t.method).reads_taps for t in todo_finals):
-        run([plan.unit("cache", t, [], threads) for t in per_task if t not in needs_cache], "cache")
+    final_caches = {t.task for t in todo_finals if get_method(t.method).reads_taps} - needs_cache
+    run([plan.unit("cache", t, [], threads) for t in sorted(final_caches)], "cache")
     units = [plan.unit("final", task, [_item(t) for t in ts], threads, progress) for task, ts in per_task.items()]
     for u in units:
         store.mark([i["key"] for i in u["items"]], "running")
