@@ -16,6 +16,7 @@ from qtune.pretrain.fractal import FractalDataset, render, render_dataset, sampl
 from qtune.pretrain.train import pretrain
 
 TINY = dict(
+    data="fractal",
     img_size=16,
     patch_size=4,
     embed_dim=32,

@@ -1,10 +1,11 @@
-"""Supervised pre-training of a small timm ViT on FractalDB-style classes, by one resumable command.
+"""Supervised pre-training of a small timm ViT on FractalDB-style classes and Fashion-MNIST, by one resumable command.
 
 The recipe follows Nakashima et al. 2022, "Can Vision Transformers Learn without Natural Images?" (AAAI), on data made
 as in Kataoka et al. 2020, "Pre-training without Natural Images" (ACCV): classify rendered fractals by their IFS with
-AdamW, linear warm-up then cosine decay, label smoothing and light geometric augmentation. The output is a backbone
-(timm state-dict names, no classification head) in safetensors plus a JSON model card next to it.
-The defaults of PretrainConfig are the demo backbone's recipe (about 80 minutes on one CPU core):
+AdamW, linear warm-up then cosine decay and light geometric augmentation; Fashion-MNIST's classes join the label space
+(`qtune.pretrain.data`). The output is a backbone (timm state-dict names, no classification head) in safetensors plus a
+JSON model card next to it. The defaults of PretrainConfig are the demo backbone's recipe (its card says how long it
+took):
 
     python -m qtune.pretrain.train --out demo_vit.safetensors
 """
@@ -30,6 +31,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from qtune.io import append_jsonl, atomic_write, file_sha256, write_text
+from qtune.pretrain import data as pretrain_data
 from qtune.pretrain.fractal import FractalDataset
 
 log = logging.getLogger("qtune.pretrain")
@@ -52,7 +54,9 @@ class PretrainConfig:
     depth: int = 12
     num_heads: int = 3
     mlp_ratio: float = 4.0
-    # data: FractalDB-style classes
+    # data: FractalDB-style classes, and Fashion-MNIST's training images (all, or the first fashion_images)
+    data: str = "fractal+fashion_mnist"
+    fashion_images: int | None = None
     num_classes: int = 100
     images_per_class: int = 400
     eval_images_per_class: int = 20
@@ -97,7 +101,7 @@ class PretrainConfig:
 
 
 def make_vit(config: PretrainConfig) -> VisionTransformer:
-    return VisionTransformer(**config.timm_kwargs(config.num_classes))
+    return VisionTransformer(**config.timm_kwargs(pretrain_data.num_labels(config.data, config.num_classes)))
 
 
 def _paths(out_path: Path) -> dict[str, Path]:
@@ -254,10 +258,10 @@ def pretrain(
     if state is not None and (state["recipe"] != config.recipe() or steps_differ):
         raise ValueError(f"checkpoint {paths['ckpt']} belongs to another recipe; delete {paths['work']} to restart")
 
-    log.info("rendering %d fractal classes x %d images", config.num_classes, config.images_per_class)
-    data = FractalDataset.build(
-        config.num_classes, config.images_per_class, config.img_size, config.seed, TRAIN_STREAM, cache=paths["data"]
-    )
+    log.info("rendering %d fractal classes x %d images (data: %s)", config.num_classes, config.images_per_class,
+             config.data)
+    data = pretrain_data.build(config.data, config.num_classes, config.images_per_class, config.img_size, config.seed,
+                               TRAIN_STREAM, cache=paths["data"], fashion_limit=config.fashion_images)
     torch.manual_seed(config.seed)
     model = make_vit(config)
     opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
@@ -355,6 +359,12 @@ def _finish(
     )
     top1 = evaluate(model, held_out)
     log.info("held-out top-1 on %d fresh renders: %.4f", len(held_out), top1)
+    evals = {"held_out_top1": top1, "num_images": len(held_out)}
+    if config.data == "fractal+fashion_mnist":  # its own test split, with the fractal classes' outputs allowed
+        fashion = pretrain_data.fashion_set(config.img_size, "test", offset=config.num_classes)
+        evals["fashion_mnist_test_top1"] = evaluate(model, fashion)
+        evals["fashion_mnist_test_images"] = len(fashion)
+        log.info("Fashion-MNIST test top-1: %.4f", evals["fashion_mnist_test_top1"])
 
     tensors = _backbone_state(model, config.save_dtype)
     def save(path: Path) -> None:
@@ -363,7 +373,8 @@ def _finish(
 
     atomic_write(paths["out"], save)
     n_params = sum(t.numel() for t in tensors.values())
-    n_train = config.num_classes * config.images_per_class
+    n_train = config.num_classes * config.images_per_class + (
+        (config.fashion_images or 60_000) if config.data == "fractal+fashion_mnist" else 0)
     card = {
         "card_version": CARD_VERSION,
         "complete": True,
@@ -389,7 +400,11 @@ def _finish(
             "head": "removed",
         },
         "data": {
-            "kind": "FractalDB-style IFS classes (no natural images)",
+            "kind": {"fractal": "FractalDB-style IFS classes (no natural images)",
+                     "fractal+fashion_mnist": "FractalDB-style IFS classes and Fashion-MNIST's training images "
+                     "(MIT; Debian's dataset-fashion-mnist), grey"}[config.data],
+            "source": config.data,
+            "fashion_mnist_images": (config.fashion_images or 60_000) if config.data != "fractal" else 0,
             "num_classes": config.num_classes,
             "images_per_class": config.images_per_class,
             "image_size": config.img_size,
@@ -415,7 +430,7 @@ def _finish(
             "render_s": round(history.get("render_s", 0.0), 1),
             "resumed_at": history["resumed_at"],
         },
-        "eval": {"held_out_top1": top1, "num_images": len(held_out), "eval_s": round(time.time() - t_eval, 1)},
+        "eval": {**evals, "eval_s": round(time.time() - t_eval, 1)},
         "recipe": config.recipe(),
         "versions": {
             "python": platform.python_version(),
@@ -427,6 +442,7 @@ def _finish(
             "Kataoka et al. 2020, Pre-training without Natural Images (ACCV)",
             "Nakashima et al. 2022, Can Vision Transformers Learn without Natural Images? (AAAI)",
             "Anderson & Farrell 2022, Improving Fractal Pre-training (WACV)",
+            "Xiao, Rasul & Vollgraf 2017, Fashion-MNIST (arXiv:1708.07747)",
         ],
     }
     write_text(paths["card"], json.dumps(card, indent=2) + "\n")
@@ -451,6 +467,10 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=_steps_arg, default=default, help="an integer, or 'auto' to fit the time budget")
         elif f.name == "time_budget_minutes":
             p.add_argument(flag, type=float, default=default)
+        elif f.name == "fashion_images":
+            p.add_argument(flag, type=int, default=default, help="the first N of Fashion-MNIST's images (default all)")
+        elif f.name == "data":
+            p.add_argument(flag, choices=pretrain_data.SOURCES, default=default)
         else:
             p.add_argument(flag, type=type(default), default=default)
     return p
