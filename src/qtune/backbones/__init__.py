@@ -1,4 +1,4 @@
-"""Backbones: load a timm ViT by name, from a local weights file or (with a network) from the hub."""
+"""Backbones: load a timm ViT, Swin or ConvNeXt by name, from a local weights file or (with a network) the hub."""
 from __future__ import annotations
 
 import json
@@ -10,11 +10,13 @@ import torch
 
 from ..errors import ConfigError, WeightsError
 from ..preprocessing import Preprocessing
+from .stages import ConvNeXtBackbone, StageBackbone, SwinBackbone, stage_backbone_class
 from .taps import Taps
 from .vit import Backbone, BackboneIdentity, QueryOutput
 from .weights import load_into, weights_hash
 
-__all__ = ["Backbone", "BackboneIdentity", "QueryOutput", "Taps", "demo_weights", "load_backbone"]
+__all__ = ["Backbone", "BackboneIdentity", "ConvNeXtBackbone", "QueryOutput", "StageBackbone", "SwinBackbone", "Taps",
+           "demo_weights", "load_backbone"]
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
@@ -45,7 +47,7 @@ def load_backbone(
     preprocessing: dict[str, Any] | None = None,
     init_seed: int = 0,
 ) -> Backbone:
-    """Build a frozen timm ViT.
+    """Build a frozen timm ViT, or a Swin or ConvNeXt whose chosen stage side paths read (``stages.py``).
 
     name: a timm model name (``vit_base_patch16_224``, optionally with a ``.tag`` selecting the pretrained config);
         may be omitted when ``weights`` is a folder whose config.json names the architecture.
@@ -90,7 +92,9 @@ def load_backbone(
         load_into(model, weights_path)
     data_config = timm.data.resolve_model_data_config(model)
     # The model's own input size wins over the pretrained config's (img_size may have been overridden).
-    data_config["input_size"] = (3, *model.patch_embed.img_size)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)  # ConvNeXt has no fixed size
+    if img_size is not None:
+        data_config["input_size"] = (3, *img_size)
     prep = Preprocessing.from_timm(data_config).override(**(preprocessing or {}))
     identity = BackboneIdentity(name, weights_hash(model), {k: v for k, v in model_args.items()})
-    return Backbone(model, identity, prep)
+    return (stage_backbone_class(model) or Backbone)(model, identity, prep)

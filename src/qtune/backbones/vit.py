@@ -129,6 +129,8 @@ class Backbone(nn.Module):
     and ``trace`` runs without autograd, so nothing of the stream is kept for backward.
     """
 
+    kind = "vit"  # hierarchical backbones (stages.py) say which they are
+
     def __init__(self, model: nn.Module, identity: BackboneIdentity, preprocessing: Preprocessing):
         super().__init__()
         for i, blk in enumerate(getattr(model, "blocks", ())):
@@ -167,9 +169,25 @@ class Backbone(nn.Module):
         return self.model.patch_embed.num_patches + self.model.num_prefix_tokens
 
     @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled feature (the block width here; a hierarchical model's last stage is wider)."""
+        return self.dim
+
+    @property
     def final_norm(self) -> nn.Module:
         """The norm whose output the pooled feature comes from (fc_norm when the model pools by averaging)."""
         return self.model.fc_norm if not isinstance(self.model.fc_norm, nn.Identity) else self.model.norm
+
+    @property
+    def feature_norm(self) -> nn.Module | None:
+        """A norm of the block width that heads over block features may start from (None: start fresh)."""
+        return self.final_norm
+
+    @property
+    def tap_shape(self) -> dict[str, int]:
+        """What one block's K/V look like: (heads, tokens, head_dim) per sample, and the widths."""
+        return {"depth": self.depth, "heads": self.num_heads, "tokens": self.num_tokens,
+                "head_dim": self.model.blocks[0].attn.head_dim, "dim": self.dim}
 
     def train(self, mode: bool = True) -> "Backbone":
         """Stay in eval mode: the frozen stream is deterministic (required for caching)."""
@@ -242,5 +260,6 @@ class Backbone(nn.Module):
 
     def kv_bytes_per_sample(self, blocks: Sequence[int] | None = None, bytes_per_value: int = 2) -> int:
         """Size of one sample's K/V for ``blocks`` (default all), at ``bytes_per_value``."""
+        shape = self.tap_shape
         n_blocks = self.depth if blocks is None else len(blocks)
-        return 2 * n_blocks * self.num_tokens * self.num_heads * self.model.blocks[0].attn.head_dim * bytes_per_value
+        return 2 * n_blocks * shape["tokens"] * shape["heads"] * shape["head_dim"] * bytes_per_value

@@ -71,7 +71,7 @@ def plan_cache(backbone: Backbone, rows: DatasetRows, dtype: str, blocks: Sequen
     np_dtype = str(DTYPES[dtype][0])
     files = {block_file(b): {"shape": [n, 2, shp["heads"], shp["tokens"], shp["head_dim"]], "dtype": np_dtype}
              for b in blocks}
-    files[POOLED] = {"shape": [n, shp["dim"]], "dtype": np_dtype}
+    files[POOLED] = {"shape": [n, shp.get("pooled_dim", shp["dim"])], "dtype": np_dtype}
     per_sample = sum(math.prod(f["shape"][1:]) for f in files.values()) * DTYPES[dtype][0].itemsize
     return {"format": FORMAT, "format_version": FORMAT_VERSION, **key, "dtype": dtype, "blocks": list(blocks),
             "rows": {"count": n, "root": rows.root, "fingerprint": rows.fingerprint(),

@@ -159,11 +159,9 @@ def key_difference(want: dict[str, Any], have: dict[str, Any]) -> str | None:
 
 def backbone_key(backbone: Any) -> dict[str, Any]:
     """The backbone part of a cache key: identity, preprocessing and the shape of what a block's K/V look like."""
-    attn = backbone.model.blocks[0].attn
     return {"backbone": normalised(backbone.identity.to_dict()),
             "preprocessing": normalised(backbone.preprocessing.to_dict()),
-            "shape": {"depth": backbone.depth, "heads": backbone.num_heads, "tokens": backbone.num_tokens,
-                      "head_dim": attn.head_dim, "dim": backbone.dim}}
+            "shape": dict(backbone.tap_shape)}
 
 
 def parse_blocks(spec: str | Sequence[int] | None, depth: int) -> tuple[int, ...]:

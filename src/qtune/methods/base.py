@@ -144,6 +144,12 @@ class Method(nn.Module):
         self.config = config
         self.num_classes = num_classes
 
+    @classmethod
+    def for_backbone(cls, backbone: Backbone) -> type["Method"]:
+        """The class that implements this method on ``backbone`` (a method may need another design on Swin or
+        ConvNeXt)."""
+        return cls
+
     def blocks_read(self, backbone: Backbone) -> tuple[int, ...]:
         """Backbone blocks whose K/V this side-path method reads (the trace and the cache keep only these)."""
         return tuple(range(backbone.depth))

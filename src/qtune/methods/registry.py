@@ -49,7 +49,7 @@ def _combination(key: str) -> type[Method]:
 def create_method(name: str, backbone: Backbone, num_classes: int,
                   config: MethodConfig | dict[str, Any] | list[str] | None = None) -> Method:
     """Build method ``name`` for ``backbone``; ``config`` is a config object, a dict, or ``key=value`` strings."""
-    cls = get_method(name)
+    cls = get_method(name).for_backbone(backbone)
     if config is None:
         config = cls.config_class()
     elif isinstance(config, dict):

@@ -25,7 +25,7 @@ class LinearProbe(Method):
 
     def __init__(self, config: LinearConfig, backbone: Backbone, num_classes: int):
         super().__init__(config, backbone, num_classes)
-        self.head = timm_head(backbone.dim, num_classes)
+        self.head = timm_head(backbone.pooled_dim, num_classes)
 
     def blocks_read(self, backbone: Backbone) -> tuple[int, ...]:
         return ()

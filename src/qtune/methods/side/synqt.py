@@ -100,11 +100,13 @@ class ConditionalHead(nn.Module):
         self.weight_drop = Dropout(cfg.dropout)
         self.act = nn.GELU()
         # A fresh LayerNorm (PyTorch's eps 1e-5, as the authors build it) starting from the backbone's final norm's
-        # weight and bias, then trained: the features live in the stream's scale.
+        # weight and bias, then trained: the features live in the stream's scale. A hierarchical backbone's tapped
+        # stage has no norm of its width, so there it starts from ones and zeros.
         self.norm = nn.LayerNorm(dim)
-        with torch.no_grad():
-            self.norm.weight.copy_(backbone.final_norm.weight)
-            self.norm.bias.copy_(backbone.final_norm.bias)
+        if backbone.feature_norm is not None:
+            with torch.no_grad():
+                self.norm.weight.copy_(backbone.feature_norm.weight)
+                self.norm.bias.copy_(backbone.feature_norm.bias)
         self.fc = nn.Linear(dim, num_classes)  # PyTorch's default init, as timm 0.4's reset_classifier gives them
 
     def mix(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

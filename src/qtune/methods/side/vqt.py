@@ -48,7 +48,7 @@ class VQT(Method):
         bound = vpt_uniform_bound(backbone.patch_size, backbone.dim)
         self.queries = nn.Parameter(torch.empty(backbone.depth, config.tokens, backbone.dim).uniform_(-bound, bound))
         self.drop = Dropout(config.dropout)
-        width = (1 + backbone.depth * config.tokens) * backbone.dim
+        width = backbone.pooled_dim + backbone.depth * config.tokens * backbone.dim
         ids = config.feature_ids
         if ids is not None and max(ids) >= width:
             raise ConfigError(f"feature_ids: {max(ids)} is beyond the {width} features of this backbone")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ...backbones import Backbone
+from ...backbones.stages import plain_vit_only
 from ...errors import ConfigError
 from ..base import Method, MethodConfig, block_count, first_trainable_block
 from ..layers import timm_head
@@ -99,6 +100,8 @@ class StreamMethod(Method):
     combinable: ClassVar[bool] = False  # whether a side path's query computation sees every change it makes
 
     def __init__(self, config: StreamConfig, backbone: Backbone, num_classes: int, *, head: bool = True):
+        if backbone.kind != "vit":
+            raise ConfigError(plain_vit_only(backbone, self.name))
         super().__init__(config, backbone, num_classes)
         self.depth = backbone.depth
         self.first = first_trainable_block(config.trainable_blocks, backbone.depth)

@@ -89,6 +89,14 @@ class VPTDeep(PromptMethod):
     deep = True
     summary = "each block's input prompts replaced by its own learnable prompt tokens"
 
+    @classmethod
+    def for_backbone(cls, backbone: Backbone) -> type:
+        if backbone.kind == "vit":
+            return cls
+        from .stage_vpt import stage_vpt_class  # prompts per window (Swin) or prompt pixels (ConvNeXt)
+
+        return stage_vpt_class(backbone)
+
     def block(self, i: int, x: torch.Tensor, backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if i > self.first:
             x = replace_prompts(x, self._prompts(i - self.first, x.shape[0]), self.prefix)
