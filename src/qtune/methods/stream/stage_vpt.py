@@ -34,13 +34,17 @@ from ..layers import vpt_head, vpt_uniform_bound
 
 @dataclass
 class StagePromptConfig(MethodConfig):
-    tokens: int = field(default=10, metadata={
-        "help": "Swin: prompt tokens per block (m); ConvNeXt: width in pixels of each block's prompt ring"})
+    tokens: int = field(default=10, metadata={"help": "prompt tokens per block (m)"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on the prompts"})
 
     def validate(self) -> None:
         positive("tokens", self.tokens)
         probability("dropout", self.dropout)
+
+
+@dataclass
+class PromptPixelConfig(StagePromptConfig):
+    tokens: int = field(default=1, metadata={"help": "width in pixels of each block's prompt ring"})
 
 
 class _StagePrompts(Method):
@@ -130,6 +134,7 @@ def prompted_swin_block(blk: nn.Module, x: torch.Tensor, prompts: torch.Tensor) 
 
 class ConvNeXtVPTDeep(_StagePrompts):
     name = "vpt_deep"
+    config_class = PromptPixelConfig
     summary = "a ring of learnable prompt pixels around every block's feature map (VPT's padding, deep)"
 
     def shape(self, config, width, size):
