@@ -202,14 +202,18 @@ def cmd_methods(args: argparse.Namespace) -> None:
         return
 
     backbone = _backbone_spec(args).load()
-    print(f"{backbone.identity.name}: depth {backbone.depth}, width {backbone.dim}, {args.num_classes} classes")
+    stage = "" if backbone.kind == "vit" else f" (stage {backbone.stage_index % len(backbone.stages) + 1})"
+    print(f"{backbone.identity.name}: depth {backbone.depth}, width {backbone.dim}{stage}, {args.num_classes} classes")
     width = max(10, *(len(name) for name in method_names()))
     print(f"{'method':<{width}} {'kind':<7} {'trainable':>12}  summary")
     for name in method_names():
-        cls = get_method(name)
-        n = TunedModel.build(backbone, name, args.num_classes).num_trainable()
+        try:  # a method may have another design on this backbone, or none
+            model = TunedModel.build(backbone, name, args.num_classes)
+        except ConfigError:
+            continue
+        cls = type(model.method)
         kind = "side" if cls.reads_taps else "stream"
-        print(f"{name:<{width}} {kind:<7} {n:>12,}  {cls.summary}")
+        print(f"{name:<{width}} {kind:<7} {model.num_trainable():>12,}  {cls.summary}")
 
 
 def _blocks_text(blocks: Sequence[int], depth: int) -> str:
@@ -565,14 +569,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_make_offline)
 
     p = sub.add_parser("demo", help="the offline benchmark with the shipped demo backbone: select on val200, test once",
-                       epilog="tasks: digits, texture_patch, dsprites_loc, dsprites_ori, clevr_count, clevr_dist "
-                              "(default: all six), mnist, fashion_mnist. example: qtune demo --tasks dsprites_loc "
+                       epilog="tasks: digits, texture_patch, dsprites_loc, dsprites_ori, clevr_count, clevr_dist, "
+                              "mnist (default: these seven), fashion_mnist. example: qtune demo --tasks dsprites_loc "
                               "--methods linear,vqt --out runs/demo-small")
     p.add_argument("--out", default="runs/demo", help="output folder (data, caches, tables, plot)")
     p.add_argument("--methods", default="linear,vqt,synqt", help="comma-separated method names")
     p.add_argument("--tasks", help="comma-separated offline tasks (default: all)")
     p.add_argument("--weights", help="another backbone folder/file instead of the shipped demo backbone")
-    p.add_argument("--epochs", type=int, help="epochs per run (default 15, quick 5)")
+    p.add_argument("--epochs", type=int, help="epochs of every run (default: each method's recipe; quick 5)")
     p.add_argument("--jobs", type=int, help="worker processes, one torch thread each (default: one per core)")
     p.add_argument("--cache-dtype", choices=("fp32", "fp16", "bf16"), default="fp16",
                    help="storage of the per-task K/V caches (default fp16: half the disk; fp32 trains exactly as live)")

@@ -143,8 +143,9 @@ def test_training_from_the_cache_is_training_live(name, method, shapes, tmp_path
     listings = [read_split(data / f) for f in ("train.txt", "test.txt")]
     results = []
     for source in ("live", "cache"):
+        cache = TapCache(tmp_path / "cache")
         batches = ([ImageBatches(ImageDataset(lst, bb.preprocessing.transform())) for lst in listings]
-                   if source == "live" else [CachedBatches(TapCache(tmp_path / "cache"), lst, range(bb.depth)) for lst in listings])
+                   if source == "live" else [CachedBatches(cache, lst, range(bb.depth)) for lst in listings])
         torch.manual_seed(0)
         model = TunedModel(bb, create_method(method, bb, 4))
         cfg = TrainConfig(epochs=2, batch_size=16, lr=3e-3, warmup_epochs=0, progress=False, seed=3)
@@ -191,3 +192,14 @@ def test_vpt_deep_trains_prompts_and_head_only_and_keeps_images_apart(name) -> N
     torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
     opt.step()
     assert all(torch.equal(frozen[k], v) for k, v in model.backbone.state_dict().items())
+
+
+def test_methods_command_lists_what_runs_on_a_swin(capsys) -> None:
+    from qtune.cli import main
+
+    args = [f"--model-arg={k}={v}" for k, v in SWIN[1].items()]
+    assert main(["methods", "--backbone", SWIN[0], *args, "--num-classes", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "depth 2, width 64 (stage 3)" in out
+    listed = [line.split()[0] for line in out.splitlines()[2:]]
+    assert listed == ["linear", "synqt", "vpt_deep", "vqt"]

@@ -58,10 +58,10 @@ class _StagePrompts(Method):
         self.prompt_drop = nn.Dropout(config.dropout)
         info = backbone.model.feature_info  # per stage: width (num_chs) and stride (reduction)
         bound = vpt_uniform_bound(backbone.patch_size, info[0]["num_chs"])  # VPT: one bound, from the first width
-        sides = backbone.preprocessing.input_size
+        h, w = backbone.preprocessing.input_size
         self.prompts = nn.ParameterList(
             nn.Parameter(torch.empty(len(stage.blocks), *self.shape(
-                config, i["num_chs"], (sides[0] // i["reduction"], sides[1] // i["reduction"]))).uniform_(-bound, bound))
+                config, i["num_chs"], (h // i["reduction"], w // i["reduction"]))).uniform_(-bound, bound))
             for stage, i in zip(backbone.stages, info))
         self.head = vpt_head(backbone.pooled_dim, num_classes)
 
