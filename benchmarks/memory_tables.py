@@ -18,15 +18,16 @@ PAPER = {"linear": 2.5, "full": 11.1, "bitfit": 7.8, "vpt_deep": 8.1, "vqt": 3.2
 
 def training(data: dict, paper: dict[str, float] = PAPER) -> str:
     head = ("| method | trainable | parameters | gradients | AdamW state | inputs | saved for backward | step peak "
-            "| **total** | x linear | paper (GB) | paper x linear |")
-    lines = [head, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+            "| **total** | x linear |" + (" paper (GB) | paper x linear |" if paper else ""))
+    lines = [head, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|" + ("--:|--:|" if paper else "")]
     for r in data["training"]:
         ours = paper.get(r["method"]) if r["mode"] == "live" else None
         paper_ratio = "" if ours is None else f"{ours / paper['linear']:.2f}"
         cells = [f"{r[k] / GIB:.3f}" for k in ("parameters", "gradients", "optimizer_state", "inputs",
                                                "saved_for_backward", "step_peak")]
         lines.append(f"| {r['label']} | {r['trainable_parameters']:,} | " + " | ".join(cells) +
-                     f" | **{r['total'] / GIB:.3f}** | {r['ratio_to_linear']:.2f} | {ours or ''} | {paper_ratio} |")
+                     f" | **{r['total'] / GIB:.3f}** | {r['ratio_to_linear']:.2f} |" +
+                     (f" {ours or ''} | {paper_ratio} |" if paper else ""))
     return "\n".join(lines)
 
 
