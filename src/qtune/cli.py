@@ -202,7 +202,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
         return
 
     backbone = _backbone_spec(args).load()
-    stage = "" if backbone.kind == "vit" else f" (stage {backbone.stage_index % len(backbone.stages) + 1})"
+    stage = "" if backbone.kind == "vit" else f" (stage {backbone.stage_position + 1})"
     print(f"{backbone.identity.name}: depth {backbone.depth}, width {backbone.dim}{stage}, {args.num_classes} classes")
     width = max(10, *(len(name) for name in method_names()))
     print(f"{'method':<{width}} {'kind':<7} {'trainable':>12}  summary")

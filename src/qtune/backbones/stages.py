@@ -31,7 +31,8 @@ class StageBackbone(Backbone):
         self.model = model
         self.identity = identity
         self.preprocessing = preprocessing
-        self.stage = self.stages[self.stage_index % len(self.stages)]
+        self.stage_position = self.stage_index % len(self.stages)  # 0-based, counted from the stem
+        self.stage = self.stages[self.stage_position]
         self.requires_grad_(False)
         self.model.eval()
 
@@ -54,7 +55,7 @@ class StageBackbone(Backbone):
 
     @property
     def num_tokens(self) -> int:
-        reduction = self.model.feature_info[self.stage_index % len(self.stages)]["reduction"]
+        reduction = self.model.feature_info[self.stage_position]["reduction"]
         return math.prod(side // reduction for side in self.preprocessing.input_size)
 
     def _plain_vit_only(self, *_args, **_kwargs):
@@ -78,8 +79,7 @@ class StageBackbone(Backbone):
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled pre-logits feature from the tapped stage's output: later stages, the model's own head."""
-        later = list(self.stages)[list(self.stages).index(self.stage) + 1:]
-        for s in later:
+        for s in list(self.stages)[self.stage_position + 1:]:
             x = s(x)
         return self.model.forward_head(self._final(x), pre_logits=True)
 
