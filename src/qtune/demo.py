@@ -1,8 +1,8 @@
 """`qtune demo`, the main job: the offline benchmark, the shipped demo backbone, the methods, one table.
 
 The demo is a sweep with a built-in spec (written to OUT/spec.toml, so `qtune sweep OUT/spec.toml --out OUT` reruns
-or extends it): per task and method, the learning rate is chosen on train800 -> val200, the choice retrained on
-train800val200 and tested once. Side-path methods train from one TapCache per task, stream methods live. Runs
+or extends it): per task, each method's own paper's recipe (RECIPES); where it has a learning-rate grid, the rate
+is chosen on train800 -> val200; the choice is retrained on train800val200 and tested once. Side-path methods train from one TapCache per task, stream methods live. Runs
 anywhere: nothing is downloaded.
 """
 from __future__ import annotations
