@@ -120,3 +120,33 @@ def test_hub_layout_gets_config_json(tmp_path: Path) -> None:
     card = pretrain(tmp_path / "model.safetensors", **{**TINY, "steps": 2})
     assert json.loads((tmp_path / "config.json").read_text())["weights"]["sha256"] == card["weights"]["sha256"]
     _load_backbone(tmp_path / "model.safetensors", card)
+
+
+HIERARCHICAL = {
+    "swin": {"architecture": "swin_tiny_patch4_window7_224", "img_size": 16, "patch_size": 2, "embed_dim": 8,
+             "depths": [1, 1, 2, 1], "num_heads": [1, 1, 2, 2], "window_size": 2},
+    "convnext": {"architecture": "convnext_tiny", "patch_size": 1, "depths": [1, 1, 1, 2], "dims": [8, 8, 16, 16]},
+}
+
+
+@pytest.mark.parametrize("kind", HIERARCHICAL)
+def test_a_hierarchical_model_pretrains_into_a_stage_backbone(tmp_path: Path, kind: str) -> None:
+    from qtune.backbones import StageBackbone, load_backbone
+
+    arch = HIERARCHICAL[kind]
+    card = pretrain(tmp_path / "model.safetensors", **{**TINY, "steps": 3}, timm_model=json.dumps(arch),
+                    save_dtype="float32")
+    assert card["architecture"] == arch["architecture"] and card["recipe"]["timm_model"] == json.dumps(arch)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert not any(k.startswith("head.fc") for k in weights)  # the classifier goes; ConvNeXt's head.norm stays
+    assert ("head.norm.weight" in weights) == (kind == "convnext")
+    bb = load_backbone(None, tmp_path)  # the folder's config.json names the architecture
+    assert isinstance(bb, StageBackbone) and bb.kind == kind and bb.preprocessing.input_size == (16, 16)
+    state = bb.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items())
+    assert bb.trace(torch.zeros(2, 3, 16, 16)).pooled.shape == (2, bb.pooled_dim)
+
+
+def test_a_timm_model_without_an_architecture_name_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="architecture"):
+        pretrain(tmp_path / "model.safetensors", **TINY, timm_model='{"depths": [1, 1, 1, 1]}')

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+import timm
 from timm.models.vision_transformer import VisionTransformer
 
 from qtune.io import append_jsonl, atomic_write, file_sha256, write_text
@@ -54,6 +55,10 @@ class PretrainConfig:
     depth: int = 12
     num_heads: int = 3
     mlp_ratio: float = 4.0
+    # another timm architecture instead, as JSON: {"architecture": name, ...its create_model arguments}; e.g. a small
+    # Swin or ConvNeXt for 32 px images (examples/pretrain-hierarchical.sh). The ViT fields above are then unused,
+    # except img_size, the size of the images rendered (give the model the same).
+    timm_model: str | None = None
     # data: FractalDB-style classes, and Fashion-MNIST's training images (all, or the first fashion_images)
     data: str = "fractal+fashion_mnist"
     fashion_images: int | None = None
@@ -99,9 +104,22 @@ class PretrainConfig:
             "num_classes": num_classes,
         }
 
+    def architecture(self) -> tuple[str, dict[str, Any]]:
+        """The timm architecture name and the arguments that build it (the model card's)."""
+        if self.timm_model is None:
+            return TIMM_ARCHITECTURE, {k: v for k, v in self.timm_kwargs().items() if k in _MODEL_ARG_KEYS}
+        args = json.loads(self.timm_model)
+        if not isinstance(args, dict) or not isinstance(args.get("architecture"), str):
+            raise ValueError(f"--timm-model {self.timm_model!r}: give a JSON object with an \"architecture\" name")
+        return args.pop("architecture"), args
 
-def make_vit(config: PretrainConfig) -> VisionTransformer:
-    return VisionTransformer(**config.timm_kwargs(pretrain_data.num_labels(config.data, config.num_classes)))
+
+def make_model(config: PretrainConfig) -> torch.nn.Module:
+    num_labels = pretrain_data.num_labels(config.data, config.num_classes)
+    if config.timm_model is None:
+        return VisionTransformer(**config.timm_kwargs(num_labels))
+    name, args = config.architecture()
+    return timm.create_model(name, pretrained=False, num_classes=num_labels, **args)
 
 
 def _paths(out_path: Path) -> dict[str, Path]:
@@ -202,7 +220,7 @@ def measure_throughput(config: PretrainConfig, threads: int, batch_size: int = 1
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(0)
-        model = make_vit(config)
+        model = make_model(config)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randn(batch_size, 3, config.img_size, config.img_size)
         y = torch.randint(0, config.num_classes, (batch_size,))
@@ -220,9 +238,12 @@ def measure_throughput(config: PretrainConfig, threads: int, batch_size: int = 1
 
 
 def _backbone_state(model: torch.nn.Module, dtype: str) -> dict[str, torch.Tensor]:
-    """The weights without the classification head, under timm's names."""
+    """The weights without the classifier, under timm's names (ConvNeXt's head.norm is the pooled feature's norm and
+    stays)."""
     cast = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    return {k: v.detach().to(cast).contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    classifier = {id(p) for p in model.get_classifier().parameters()}
+    names = {n for n, p in model.named_parameters() if id(p) in classifier}
+    return {k: v.detach().to(cast).contiguous() for k, v in model.state_dict().items() if k not in names}
 
 
 def pretrain(
@@ -263,7 +284,7 @@ def pretrain(
     data = pretrain_data.build(config.data, config.num_classes, config.images_per_class, config.img_size, config.seed,
                                TRAIN_STREAM, cache=paths["data"], fashion_limit=config.fashion_images)
     torch.manual_seed(config.seed)
-    model = make_vit(config)
+    model = make_model(config)
     opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
     history: dict[str, Any] = {"wall_time_s": 0.0, "resumed_at": [], "render_s": time.time() - t_start}
     if state is not None:
@@ -351,7 +372,7 @@ def _fit_steps(config: PretrainConfig, t_start: float) -> int:
 
 
 def _finish(
-    model: VisionTransformer, config: PretrainConfig, paths: dict[str, Path], step: int, history: dict[str, Any]
+    model: torch.nn.Module, config: PretrainConfig, paths: dict[str, Path], step: int, history: dict[str, Any]
 ) -> dict[str, Any]:
     t_eval = time.time()
     held_out = FractalDataset.build(
@@ -367,8 +388,10 @@ def _finish(
         log.info("Fashion-MNIST test top-1: %.4f", evals["fashion_mnist_test_top1"])
 
     tensors = _backbone_state(model, config.save_dtype)
+    architecture, model_args = config.architecture()
+    timm_kwargs = config.timm_kwargs() if config.timm_model is None else {**model_args, "num_classes": 0}
     def save(path: Path) -> None:
-        save_file(tensors, str(path), metadata={"format": "pt", "timm_kwargs": json.dumps(config.timm_kwargs())})
+        save_file(tensors, str(path), metadata={"format": "pt", "timm_kwargs": json.dumps(timm_kwargs)})
         os.chmod(path, 0o644)  # a shipped file, readable by all (temporary files are private)
 
     atomic_write(paths["out"], save)
@@ -378,11 +401,11 @@ def _finish(
     card = {
         "card_version": CARD_VERSION,
         "complete": True,
-        "architecture": TIMM_ARCHITECTURE,  # timm.create_model(architecture, **model_args) builds the same network
-        "model_args": {k: v for k, v in config.timm_kwargs().items() if k in _MODEL_ARG_KEYS},
+        "architecture": architecture,  # timm.create_model(architecture, **model_args) builds the same network
+        "model_args": model_args,
         "num_classes": 0,
-        "timm_class": "timm.models.vision_transformer.VisionTransformer",
-        "timm_kwargs": config.timm_kwargs(),
+        "timm_class": f"{type(model).__module__}.{type(model).__name__}",
+        "timm_kwargs": timm_kwargs,
         "pretrained_cfg": {
             "input_size": [3, config.img_size, config.img_size],
             "mean": list(MEAN),
@@ -469,6 +492,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=float, default=default)
         elif f.name == "fashion_images":
             p.add_argument(flag, type=int, default=default, help="the first N of Fashion-MNIST's images (default all)")
+        elif f.name == "timm_model":
+            p.add_argument(flag, default=default, help="another timm architecture as JSON: "
+                           '{"architecture": NAME, ...create_model arguments}')
         elif f.name == "data":
             p.add_argument(flag, choices=pretrain_data.SOURCES, default=default)
         else:
