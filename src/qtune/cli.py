@@ -238,24 +238,27 @@ def cmd_cache_build(args: argparse.Namespace) -> None:
     listings = read_listings(args.data, Path(args.data_root) if args.data_root else None)
     backbone = spec.load()
     blocks = parse_blocks(args.blocks, backbone.depth)
+    points = ()
     if args.method:
         if args.blocks is not None:
             raise ConfigError("--blocks and --method both choose the blocks kept: give one")
         method = create_method(args.method, backbone, 2, option_pairs(args.method_opt, "--method-opt"))
         if not method.reads_taps:
             raise ConfigError(f"method {args.method!r} trains the stream; it cannot train from a cache")
-        blocks = method.blocks_read(backbone)
+        blocks, points = method.blocks_read(backbone), method.points_read(backbone)
     device = TrainConfig(device=args.device).resolved_device()
     plan = plan_cache(backbone, DatasetRows.from_listings(listings), args.dtype, blocks, args.batch_size,
-                      args.chunk_rows)
+                      args.chunk_rows, points=points)
     n, per = plan["rows"]["count"], plan["bytes_per_sample"]
-    print(f"cache {args.out}: {n} images, {_blocks_text(blocks, backbone.depth)}, {args.dtype}: "
+    held = _blocks_text(blocks, backbone.depth) + "".join(f", point {p.key} of {len(p.blocks)} block(s)"
+                                                           for p in points)
+    print(f"cache {args.out}: {n} images, {held}, {args.dtype}: "
           f"{format_bytes(per)} per image, {format_bytes(n * per)} on disk")
     try:
         report = build_cache(args.out, backbone, listings, dtype=args.dtype, blocks=blocks,
                              batch_size=args.batch_size, chunk_rows=args.chunk_rows, content_hash=args.content_hash,
                              device=device, num_workers=args.num_workers, progress=not args.quiet,
-                             overwrite=args.overwrite, backbone_source=asdict(spec))
+                             overwrite=args.overwrite, backbone_source=asdict(spec), points=points)
     except KeyboardInterrupt:
         print(f"cache {args.out}: build interrupted; finished chunks are kept, run the same command to resume")
         raise
@@ -294,7 +297,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
     from .data import ImageDataset, read_split
     from .engine.checkpoint import load_checkpoints, save_adapter
-    from .engine.compress import compress_vqt
+    from .engine.compress import compress
     from .engine.config import TrainConfig
     from .engine.loop import ImageBatches, evaluate
     from .io import write_json
@@ -311,7 +314,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         return ImageBatches(ImageDataset(read_split(path, classes=cfg["classes"], num_classes=cfg["num_classes"]),
                                          transform))
 
-    small, info = compress_vqt(model, batches(args.data), args.keep, run, args.penalty)
+    small, info = compress(model, batches(args.data), args.keep, run, args.penalty)
     if args.test:
         test = batches(args.test)
         info["test_accuracy_before"] = evaluate(model, test, run)["accuracy"]
@@ -465,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cache folder to write")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="storage dtype (default fp16)")
     p.add_argument("--blocks", help="blocks to keep: all (default), none, or indices like 0,5,11")
-    p.add_argument("--method", help="keep only the blocks this method reads (e.g. linear keeps none)")
+    p.add_argument("--method", help="keep what this method reads: its blocks' K/V (linear: none) and block points "
+                                    "(head2toe, lst)")
     p.add_argument("-O", "--method-opt", action="append", default=[], metavar="KEY=VALUE", help="method option")
     p.add_argument("--batch-size", type=int, default=64, help="images per traced batch (default 64)")
     p.add_argument("--chunk-rows", type=int, default=256,
@@ -587,11 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("compress", help="VQT's feature selection: keep the head's most used input dimensions "
-                                        "(L2,1-penalised classifier), retrain the head on them",
+    p = sub.add_parser("compress", help="VQT's and Head2Toe's feature selection: keep the head's most used input "
+                                        "dimensions (L2,1-penalised classifier), retrain the head on them",
                        epilog="example: qtune compress --checkpoint runs/vqt/checkpoint --data task/train800val200.txt "
                               "--test task/test.txt --keep 0.7 --out runs/vqt-0.7")
-    p.add_argument("--checkpoint", required=True, help="a VQT checkpoint folder")
+    p.add_argument("--checkpoint", required=True, help="a VQT or Head2Toe checkpoint folder")
     p.add_argument("--weights", help="backbone weights, if the checkpoint's backbone was loaded from a file")
     p.add_argument("--data", required=True, help="the training images (folder or list file)")
     p.add_argument("--test", help="test images: accuracy before and after (read once each)")

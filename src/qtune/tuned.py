@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbones import Backbone, Taps
+from .backbones import Backbone, Point, Taps
 from .methods import Method
 
 
@@ -41,9 +41,16 @@ class TunedModel(nn.Module):
     def blocks_read(self) -> tuple[int, ...]:
         return self.method.blocks_read(self.backbone)
 
+    def points_read(self) -> tuple[Point, ...]:
+        return self.method.points_read(self.backbone)
+
+    def trace(self, images: torch.Tensor) -> Taps:
+        """What this side-path model reads of ``images``: the frozen stream's K/V of its blocks and its points."""
+        return self.backbone.trace(images, self.blocks_read(), self.points_read())
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.method.reads_taps:
-            return self.method(self.backbone.trace(images, self.blocks_read()), self.backbone)
+            return self.method(self.trace(images), self.backbone)
         return self.method(images, self.backbone)
 
     def forward_taps(self, taps: Taps) -> torch.Tensor:

@@ -13,6 +13,7 @@ from qtune.engine.job import BackboneSpec, DataSpec, JobSpec, train_job
 from qtune.engine.loop import ImageBatches, TrainConfig, fit, predict
 from qtune.methods import create_method
 from qtune.tuned import TunedModel
+from tests.cache.cachedata import build
 from tests.conftest import TINY, TINY_NAME, tiny_backbone
 
 RTOL = 1e-5
@@ -81,3 +82,24 @@ def test_train_job_with_a_cache_writes_the_live_run_checkpoint(cache_dir, vtab, 
     b = load_file(str(tmp_path / "cached" / "checkpoint" / "adapter.safetensors"))
     for name in a:
         assert _rel(b[name], a[name]) <= RTOL, name
+
+
+@pytest.mark.parametrize("method", ["head2toe", "lst"])
+def test_block_points_from_the_cache_train_as_live(vtab, tmp_path, method):
+    """Methods that read block points (pooled or per token) train from a cache holding them as they train live;
+    a cache without them is refused, with the points named."""
+    bb = tiny_backbone()
+    points = TunedModel(bb, create_method(method, bb, 4)).points_read()
+    build(tmp_path / "plain", vtab, blocks="none")
+    plain = TapCache(tmp_path / "plain")
+    assert "block points" in plain.mismatch(bb, (), points) and points[0].key in plain.mismatch(bb, (), points)
+    build(tmp_path / "points", vtab, blocks="none", points=points)
+    cache = TapCache(tmp_path / "points")
+    assert cache.mismatch(bb, (), points) is None and cache.points == points
+    live_w, live_logits = _train(method, *_batches(vtab, cache, bb, "live"), bb)
+    listings = [read_split(vtab / f) for f in ("train.txt", "val.txt", "test.txt")]
+    cached = [CachedBatches(cache, lst, (), points=points) for lst in listings]
+    cached_w, cached_logits = _train(method, *cached, bb)
+    for name in live_w:
+        assert _rel(cached_w[name], live_w[name]) <= RTOL, name
+    assert _rel(cached_logits, live_logits) <= RTOL

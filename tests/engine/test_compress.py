@@ -1,4 +1,4 @@
-"""VQT's feature selection: a head over the kept dimensions, chosen by an L2,1-penalised classifier."""
+"""VQT's and Head2Toe's feature selection: a head over the kept dimensions, chosen by an L2,1-penalised classifier."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import torch
 
 from qtune.cli import main
 from qtune.engine.checkpoint import load_adapter, save_adapter
-from qtune.engine.compress import classifier_inputs, compress_vqt, train_classifier
+from qtune.engine.compress import classifier_inputs, compress, train_classifier
 from qtune.engine.config import TrainConfig
 from qtune.engine.loop import predict
 from qtune.errors import ConfigError
@@ -38,7 +38,7 @@ def test_a_head_over_kept_dimensions_reads_exactly_those(backbone):
 def test_compression_keeps_a_fraction_and_round_trips(backbone, tmp_path):
     model = TunedModel.build(backbone, "vqt", CLASSES, {"tokens": 2}, seed=0)
     batches = TapBatches(backbone, model.blocks_read())
-    small, info = compress_vqt(model, batches, keep=0.5, cfg=CFG)
+    small, info = compress(model, batches, keep=0.5, cfg=CFG)
     width = (1 + backbone.depth * 2) * backbone.dim
     assert info["features_before"] == width and info["features_after"] == width // 2
     assert small.method.head.weight.shape == (CLASSES, width // 2)
@@ -49,9 +49,21 @@ def test_compression_keeps_a_fraction_and_round_trips(backbone, tmp_path):
     assert cfg["method_config"]["feature_ids"] == small.method.config.feature_ids
     assert torch.allclose(predict(again, batches, CFG)[0], predict(small, batches, CFG)[0], atol=1e-6)
     # compressing the compressed model chooses among its dimensions, named in the original numbering
-    smaller, info2 = compress_vqt(small, batches, keep=0.5, cfg=CFG)
+    smaller, info2 = compress(small, batches, keep=0.5, cfg=CFG)
     assert info2["features_before"] == width // 2 and info2["features_after"] == width // 4
     assert set(smaller.method.config.feature_ids) <= set(small.method.config.feature_ids)
+
+
+def test_head2toe_selects_among_its_features_and_keeps_nothing_else_to_train(backbone):
+    model = TunedModel.build(backbone, "head2toe", CLASSES, {"target_size": 96}, seed=0)
+    batches = TapBatches(backbone, (), model.points_read())
+    small, info = compress(model, batches, keep=0.25, cfg=CFG)
+    width = model.method.head.in_features
+    assert info["features_after"] == width // 4 and small.method.head.in_features == width // 4
+    feats, _ = classifier_inputs(model, batches, CFG)
+    head = small.method.head
+    expected = feats[:, small.method.config.feature_ids] @ head.weight.T + head.bias
+    assert torch.allclose(predict(small, batches, CFG)[0], expected, atol=1e-5)
 
 
 def test_the_penalty_concentrates_the_weight_on_few_dimensions():
@@ -88,4 +100,4 @@ def test_cli_compress_writes_a_smaller_checkpoint_and_refuses_other_methods(shap
     assert main(_train(shapes, tmp_path / "lin", method="linear")) == 0
     lin = ["compress", "--checkpoint", str(Path(tmp_path / "lin" / "run" / "checkpoint")), "--data",
            str(shapes / "train"), "--out", str(tmp_path / "x")]
-    assert main(lin) == 2 and "compression is VQT's" in capsys.readouterr().err
+    assert main(lin) == 2 and "feature selection is VQT's" in capsys.readouterr().err

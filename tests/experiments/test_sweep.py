@@ -263,3 +263,19 @@ def test_memory_budget_cuts_the_stacks(task, tmp_path, capsys):
     run_sweep(spec, tmp_path / "large", jobs=1, memory_budget=2**40)
     out = capsys.readouterr().out
     assert "6 model(s) per stack" in out and out.count("selection of 6 trial(s) done") == 1
+
+
+def test_each_task_caches_exactly_what_its_side_paths_read(task, tmp_path):
+    """A linear probe reads no K/V: its cache holds the pooled feature only; Head2Toe adds its pooled points, and
+    the two never share a cache folder."""
+    from qtune.cache import TapCache
+
+    linear = "\n[methods.linear]\ngrid = { lr = [0.01] }\n"
+    both = linear + "[methods.head2toe]\noptions = { target_size = 48 }\n"
+    for name, methods in (("lin", linear), ("h2t", both)):
+        spec = write_spec(tmp_path / f"{name}.toml", task, epochs=1, methods=methods, selection="val", seeds="[0]")
+        run_sweep(spec, tmp_path / "run", jobs=1, progress=False)
+    caches = sorted((tmp_path / "run" / "cache").iterdir())
+    assert len(caches) == 2
+    held = sorted((TapCache(c).blocks, tuple(p.key for p in TapCache(c).points)) for c in caches)
+    assert held == [((), ()), ((), ("pre_attn.p48", "attn.p48", "mlp_hidden.p48", "mlp_out.p48"))]

@@ -138,6 +138,13 @@ def test_vitb_parameter_counts():
     vqt = TunedModel(bb, create_method("vqt", bb, 100, ["tokens=1"]))
     assert vqt.method.queries.numel() == 12 * 768
     assert vqt.num_trainable() == 12 * 768 + (13 * 768) * 100 + 100
+    # Head2Toe at the authors' target size 8192: 10 windows of 18 tokens per 768-wide point, 2 of 73 for the MLP's
+    # 3072-wide hidden layer; LST at r = 8: a 96-wide ladder
+    h2t = TunedModel(bb, create_method("head2toe", bb, 100)).num_trainable()
+    assert h2t == (768 + 12 * (3 * 10 * 768 + 2 * 3072)) * 100 + 100
+    side_block = 4 * 96 + 3 * 96 * 96 + 3 * 96 + 96 * 96 + 96 + 96 * 384 + 384 + 384 * 96 + 96
+    lst = TunedModel(bb, create_method("lst", bb, 100)).num_trainable()
+    assert lst == 13 * 768 * 96 + 12 * side_block + 12 + 96 * 768 + 768 * 100 + 100
 
 
 def test_synqt_head_norm_starts_as_backbone_norm_and_is_a_copy():

@@ -10,13 +10,14 @@ import torch
 
 from ..errors import ConfigError, WeightsError
 from ..preprocessing import Preprocessing
+from .points import POINTS, Point
 from .stages import ConvNeXtBackbone, StageBackbone, SwinBackbone, stage_backbone_class
 from .taps import Taps
 from .vit import Backbone, BackboneIdentity, QueryOutput
 from .weights import load_into, weights_hash
 
-__all__ = ["Backbone", "BackboneIdentity", "ConvNeXtBackbone", "QueryOutput", "StageBackbone", "SwinBackbone", "Taps",
-           "demo_weights", "load_backbone"]
+__all__ = ["POINTS", "Backbone", "BackboneIdentity", "ConvNeXtBackbone", "Point", "QueryOutput", "StageBackbone",
+           "SwinBackbone", "Taps", "demo_weights", "load_backbone"]
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 

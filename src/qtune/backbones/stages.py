@@ -9,7 +9,7 @@ its blocks, pure in the frozen weights. docs/methods.md says how each block is q
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..preprocessing import Preprocessing
+from .points import Point
 from .taps import Taps
 from .vit import Backbone, BackboneIdentity, QueryOutput, _heads, _merge, _query_attention
 
@@ -65,6 +66,10 @@ class StageBackbone(Backbone):
     embed = block_forward = pool = _plain_vit_only
     final_norm = property(_plain_vit_only)
 
+    def check_points(self, points: Sequence[Point]) -> None:
+        if points:
+            raise ConfigError(plain_vit_only(self, f"reading block points ({', '.join(p.name for p in points)})"))
+
     def _stem(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -90,7 +95,8 @@ class StageBackbone(Backbone):
         raise NotImplementedError
 
     @torch.no_grad()
-    def trace(self, images: torch.Tensor, blocks: Iterable[int] | None = None) -> Taps:
+    def trace(self, images: torch.Tensor, blocks: Iterable[int] | None = None, points: Sequence[Point] = ()) -> Taps:
+        self.check_points(points)
         keep = tuple(range(self.depth)) if blocks is None else tuple(sorted(set(blocks)))
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []

@@ -1,12 +1,13 @@
 """Taps: everything a side-path method reads from the frozen stream for one batch."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 if TYPE_CHECKING:
+    from .points import Point
     from .vit import Backbone, QueryOutput
 
 
@@ -16,6 +17,8 @@ class Taps:
 
     keys[j], values[j]: (B, H, N, head_dim) for block ``blocks[j]``: K_i and V_i of norm1(X_{i-1}), after k_norm.
     pooled: (B, D), the backbone's own pre-logits feature (final norm, then CLS or mean pooling).
+    points[p]: for each block of point p (``points.Point``), in block order, its tensor: (B, N, C) per token, or
+    (B, F) pooled.
     The sequences may be lazy (e.g. read from disk block by block); methods index them by position.
     """
 
@@ -23,6 +26,7 @@ class Taps:
     values: Sequence[torch.Tensor]
     pooled: torch.Tensor
     blocks: tuple[int, ...]
+    points: dict["Point", Sequence[torch.Tensor]] = field(default_factory=dict)
 
     def kv(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of backbone block ``block`` (its index in the backbone, not in ``blocks``)."""
@@ -43,4 +47,5 @@ class Taps:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Taps":
         move = (lambda t: t.to(device=device, dtype=dtype)) if dtype else (lambda t: t.to(device=device))
-        return Taps([move(k) for k in self.keys], [move(v) for v in self.values], move(self.pooled), self.blocks)
+        return Taps([move(k) for k in self.keys], [move(v) for v in self.values], move(self.pooled), self.blocks,
+                    {p: [move(t) for t in ts] for p, ts in self.points.items()})

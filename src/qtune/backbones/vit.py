@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..preprocessing import Preprocessing
+from .points import Point
 from .taps import Taps
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "norm2", "mlp", "ls2")
@@ -200,22 +201,31 @@ class Backbone(nn.Module):
         return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
 
     def block_forward(self, i: int, x: torch.Tensor, temperature: torch.Tensor | float | None = None,
+                      parts: dict[str, torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """X_i from X_{i-1} through block i, also returning its K_i, V_i (B, H, N, hd).
 
         ``temperature`` (GateVPT) divides the block's attention logits; it is applied to q, so it may be a
-        learnable tensor (the fused attention kernel takes only a float scale).
+        learnable tensor (the fused attention kernel takes only a float scale). ``parts``, if given, receives the
+        block's points (``points.POINTS``) per token; the stream is the same either way.
         """
         blk = self.model.blocks[i]
         attn = blk.attn
+        x_in = x
         h = blk.norm1(x)
         q, k, v = _heads(attn.qkv(h), 3 * attn.num_heads).chunk(3, dim=1)
         q, k = attn.q_norm(q), attn.k_norm(k)
         if temperature is not None:
             q = q / temperature
-        a = _attn_out(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale), h)
-        x = x + blk.ls1(a)
-        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        a = blk.ls1(_attn_out(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale), h))
+        x = x + a
+        if parts is None:
+            return x + blk.ls2(blk.mlp(blk.norm2(x))), k, v
+        mlp = blk.mlp  # timm's Mlp, step by step to expose its hidden activation
+        hidden = mlp.act(mlp.fc1(blk.norm2(x)))
+        m = blk.ls2(mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(hidden)))))
+        x = x + m
+        parts.update(input=x_in, x=x, pre_attn=h, attn=a, mlp_hidden=hidden, mlp_out=m)
         return x, k, v
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -227,18 +237,39 @@ class Backbone(nn.Module):
         return self.model.forward_head(self.model.norm(x), pre_logits=True)
 
     @torch.no_grad()
-    def trace(self, images: torch.Tensor, blocks: Iterable[int] | None = None) -> Taps:
-        """Run the frozen stream once, keeping K/V of ``blocks`` (default: all) and the pooled feature."""
+    def trace(self, images: torch.Tensor, blocks: Iterable[int] | None = None, points: Sequence[Point] = ()) -> Taps:
+        """Run the frozen stream once, keeping K/V of ``blocks`` (default: all), the pooled feature and ``points``."""
         keep = tuple(range(self.depth)) if blocks is None else tuple(sorted(set(blocks)))
+        self.check_points(points)
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
+        read: dict[Point, list[torch.Tensor]] = {p: [] for p in points}
         x = self.embed(images)
         for i in range(self.depth):
-            x, k, v = self.block_forward(i, x)
+            parts: dict[str, torch.Tensor] | None = {} if any(i in p.blocks for p in points) else None
+            x, k, v = self.block_forward(i, x, parts=parts)
             if i in keep:  # compact copies, so the block's q and qkv buffers are not kept alive by views
                 keys.append(k.contiguous())
                 values.append(v.contiguous())
-        return Taps(keys, values, self.pool(x).clone(), keep)
+            for p in points:
+                if i in p.blocks:
+                    read[p].append(p.pool_tokens(parts[p.name]).contiguous())
+        return Taps(keys, values, self.pool(x).clone(), keep, read)
+
+    def check_points(self, points: Sequence[Point]) -> None:
+        """Points are read from blocks that exist, and the MLP's hidden activation from timm's plain Mlp."""
+        for p in points:
+            if p.blocks and not 0 <= p.blocks[0] <= p.blocks[-1] < self.depth:
+                raise ConfigError(f"point {p.name}: blocks {list(p.blocks)} outside 0..{self.depth - 1}")
+        mlp = self.model.blocks[0].mlp
+        if points and not all(hasattr(mlp, a) for a in ("fc1", "act", "drop1", "norm", "fc2", "drop2")):
+            raise ConfigError(f"backbone {self.identity.name!r}: block points need timm's Mlp (fc1, act, fc2), "
+                              f"not {type(mlp).__name__}")
+
+    def point_shape(self, p: Point) -> tuple[int, ...]:
+        """One sample's tensor of point ``p`` in one block: (tokens, channels), or (numbers,) once pooled."""
+        channels = self.model.blocks[0].mlp.fc1.out_features if p.name == "mlp_hidden" else self.dim
+        return (p.width(self.num_tokens, channels),) if p.pool else (self.num_tokens, channels)
 
     def query_block(self, i: int, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> QueryOutput:
         """Query tokens (B, n, D) through frozen block i, attending over its K_i, V_i only.

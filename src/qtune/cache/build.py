@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..backbones import Backbone
+from ..backbones import Backbone, Point
 from ..data import ImageDataset, Listing
 from ..errors import CacheError
 from ..io import append_jsonl, write_json, write_text
@@ -40,6 +40,7 @@ from .manifest import (
     key_difference,
     key_of,
     parse_blocks,
+    point_file,
     read_json,
     read_manifest,
     read_progress,
@@ -58,7 +59,8 @@ class BuildReport:
 
 
 def plan_cache(backbone: Backbone, rows: DatasetRows, dtype: str, blocks: Sequence[int], batch_size: int,
-               chunk_rows: int, backbone_source: dict[str, Any] | None = None) -> dict[str, Any]:
+               chunk_rows: int, backbone_source: dict[str, Any] | None = None,
+               points: Sequence[Point] = ()) -> dict[str, Any]:
     """Everything a build will write, decided before it starts; a resumed build must find the same plan."""
     if dtype not in DTYPES:
         raise CacheError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
@@ -72,8 +74,13 @@ def plan_cache(backbone: Backbone, rows: DatasetRows, dtype: str, blocks: Sequen
     files = {block_file(b): {"shape": [n, 2, shp["heads"], shp["tokens"], shp["head_dim"]], "dtype": np_dtype}
              for b in blocks}
     files[POOLED] = {"shape": [n, shp.get("pooled_dim", shp["dim"])], "dtype": np_dtype}
+    backbone.check_points(points)
+    for p in points:
+        for b in p.blocks:
+            files[point_file(p, b)] = {"shape": [n, *backbone.point_shape(p)], "dtype": np_dtype}
     per_sample = sum(math.prod(f["shape"][1:]) for f in files.values()) * DTYPES[dtype][0].itemsize
     return {"format": FORMAT, "format_version": FORMAT_VERSION, **key, "dtype": dtype, "blocks": list(blocks),
+            "points": [p.to_dict() for p in points],
             "rows": {"count": n, "root": rows.root, "fingerprint": rows.fingerprint(),
                      "content_hash": rows.hashes is not None},
             "chunking": {"rows_per_chunk": chunk_rows, "batch_size": batch_size, "count": math.ceil(n / chunk_rows)},
@@ -135,8 +142,9 @@ def build_cache(out: str | Path, backbone: Backbone, listings: Sequence[Listing]
                 blocks: str | Sequence[int] | None = None, batch_size: int = 64, chunk_rows: int = 256,
                 content_hash: bool = False, device: str | torch.device = "cpu", num_workers: int = 0,
                 progress: bool = True, overwrite: bool = False, backbone_source: dict[str, Any] | None = None,
-                on_chunk: Callable[[int], None] | None = None) -> BuildReport:
-    """Trace every image of ``listings`` once and store K/V of ``blocks`` (default all) and the pooled feature.
+                on_chunk: Callable[[int], None] | None = None, points: Sequence[Point] = ()) -> BuildReport:
+    """Trace every image of ``listings`` once and store K/V of ``blocks`` (default all), the pooled feature and the
+    block ``points`` (none by default; Head2Toe and LST read them).
 
     A finished cache with the same key is reused as is. An interrupted build of the same plan resumes at its first
     unfinished chunk. A folder holding another cache is replaced only with ``overwrite``. ``backbone_source`` (the
@@ -146,7 +154,7 @@ def build_cache(out: str | Path, backbone: Backbone, listings: Sequence[Listing]
     out = Path(out)
     rows = DatasetRows.from_listings(listings, content_hash)
     plan = plan_cache(backbone, rows, dtype, parse_blocks(blocks, backbone.depth), batch_size, chunk_rows,
-                      backbone_source)
+                      backbone_source, points)
     if (out / MANIFEST).is_file():
         try:
             existing = read_manifest(out)
@@ -184,11 +192,14 @@ def build_cache(out: str | Path, backbone: Backbone, listings: Sequence[Listing]
     chunk = first_chunk
     bar = tqdm(total=n, initial=start_row, desc="cache build", unit="img", disable=not progress, dynamic_ncols=True)
     for images, _, index in loader:
-        taps = backbone.trace(images.to(device), keep)
+        taps = backbone.trace(images.to(device), keep, points)
         s, e = int(index[0]), int(index[-1]) + 1
         for j, b in enumerate(keep):
             arrays[block_file(b)][s:e] = to_storage(torch.stack([taps.keys[j], taps.values[j]], dim=1), dtype)
         arrays[POOLED][s:e] = to_storage(taps.pooled, dtype)
+        for p, tensors in taps.points.items():
+            for b, t in zip(p.blocks, tensors):
+                arrays[point_file(p, b)][s:e] = to_storage(t, dtype)
         bar.update(e - s)
         c_start, c_end = _chunk_range(plan, chunk)
         if e == c_end:

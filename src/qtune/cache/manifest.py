@@ -5,6 +5,8 @@ A cache folder holds, for the union of the images of one or more listings under 
   block_XXX.npy   (rows, 2, H, N, head_dim): K and V of backbone block XXX, one row per image, so gathering a batch
                   is one fancy-index per block;
   pooled.npy      (rows, D): the backbone's pooled final feature;
+  point_P_XXX.npy (rows, ...): block point P (backbones/points.py: per token, or pooled) of block XXX, for the
+                  methods that read more than K/V (Head2Toe, LST);
   rows.json       the row table: image ids (paths relative to the root), labels, file sizes and mtimes (or hashes);
   manifest.json   written last, by an atomic rename: its presence is what makes the folder a complete cache.
 While a build runs (or after it was interrupted) the folder holds build.json (the plan) and progress.jsonl (one
@@ -23,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..backbones.points import Point
 from ..errors import CacheError, CacheIncompleteError
 
 FORMAT = "qtune-tapcache"
@@ -46,6 +49,15 @@ DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
 
 def block_file(block: int) -> str:
     return f"block_{block:03d}.npy"
+
+
+def point_file(point: Point, block: int) -> str:
+    return f"point_{point.key}_{block:03d}.npy"
+
+
+def stored_points(manifest: dict[str, Any]) -> tuple[Point, ...]:
+    """The block points a cache holds (none in caches written before points existed)."""
+    return tuple(Point.from_dict(d) for d in manifest.get("points", []))
 
 
 def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
@@ -141,7 +153,8 @@ def read_progress(path: Path) -> list[dict[str, Any]]:
 def key_of(manifest: dict[str, Any]) -> dict[str, Any]:
     """The fields that decide whether two caches hold the same thing."""
     return {k: manifest[k] for k in ("format_version", "backbone", "preprocessing", "dtype", "blocks", "shape")} | {
-        "rows": manifest["rows"]["fingerprint"], "root": manifest["rows"]["root"]}
+        "rows": manifest["rows"]["fingerprint"], "root": manifest["rows"]["root"],
+        "points": manifest.get("points", [])}
 
 
 def key_difference(want: dict[str, Any], have: dict[str, Any]) -> str | None:
@@ -151,7 +164,7 @@ def key_difference(want: dict[str, Any], have: dict[str, Any]) -> str | None:
     diff = identity_difference(have["backbone"], want["backbone"], "there")
     if diff:
         return diff
-    for field in ("preprocessing", "dtype", "blocks", "root", "rows", "shape", "format_version"):
+    for field in ("preprocessing", "dtype", "blocks", "points", "root", "rows", "shape", "format_version"):
         if want[field] != have[field]:
             return f"{field} differs ({have[field]}, not {want[field]})" if field != "rows" else "dataset differs"
     return None

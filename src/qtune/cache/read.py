@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..backbones import Backbone, QueryOutput, Taps
+from ..backbones import Backbone, Point, QueryOutput, Taps
 from ..backbones.vit import identity_difference
 from ..data import Listing
 from ..errors import CacheCorruptError, CacheError, CacheStaleError
@@ -28,8 +28,10 @@ from .manifest import (
     chunk_digest,
     file_digest,
     from_storage,
+    point_file,
     read_json,
     read_manifest,
+    stored_points,
 )
 from .rows import DatasetRows, file_changed, sample_id
 
@@ -69,6 +71,10 @@ class TapCache:
         return tuple(self.manifest["blocks"])
 
     @property
+    def points(self) -> tuple[Point, ...]:
+        return stored_points(self.manifest)
+
+    @property
     def num_rows(self) -> int:
         return self.manifest["rows"]["count"]
 
@@ -87,8 +93,8 @@ class TapCache:
             return self._arrays[name]
 
     # -- does it match? --
-    def mismatch(self, backbone: Backbone, blocks: Sequence[int]) -> str | None:
-        """Why this cache cannot serve ``backbone`` reading ``blocks`` (None if it can)."""
+    def mismatch(self, backbone: Backbone, blocks: Sequence[int], points: Sequence[Point] = ()) -> str | None:
+        """Why this cache cannot serve ``backbone`` reading ``blocks`` and ``points`` (None if it can)."""
         want, have = backbone_key(backbone), self.manifest
         diff = identity_difference(have["backbone"], want["backbone"], "in the cache")
         if diff:
@@ -100,6 +106,10 @@ class TapCache:
         missing = sorted(set(blocks) - set(self.blocks))
         if missing:
             return f"blocks {missing} are read but not kept in the cache (kept: {list(self.blocks) or 'none'})"
+        absent = [p.key for p in points if not any(q.covers(p) for q in self.points)]
+        if absent:
+            return (f"block points {', '.join(absent)} are read but not in the cache (it holds: "
+                    f"{', '.join(q.key for q in self.points) or 'none'})")
         return None
 
     def rows_for(self, listing: Listing) -> np.ndarray:
@@ -130,6 +140,10 @@ class TapCache:
         kv = self._gather(block_file(block), rows, device, dtype)
         return kv[:, 0], kv[:, 1]
 
+    def read_point(self, point: Point, block: int, rows: np.ndarray, device: torch.device,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self._gather(point_file(point, block), rows, device, dtype)
+
     def read_pooled(self, rows: np.ndarray, device: torch.device,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self._gather(POOLED, rows, device, dtype)
@@ -154,14 +168,16 @@ class TapCache:
         return t.to(device=device, dtype=dtype)
 
     def taps(self, rows: np.ndarray, blocks: Sequence[int], device: torch.device, stream: bool = False,
-             dtype: torch.dtype = torch.float32) -> Taps:
-        """Taps of a batch: every block read now, or (``stream``) each block read when the method asks for it."""
+             dtype: torch.dtype = torch.float32, points: Sequence[Point] = ()) -> Taps:
+        """Taps of a batch: every block's K/V read now, or (``stream``) each block's when the method asks for it;
+        the block points always now."""
         pooled = self.read_pooled(rows, device, dtype)
         blocks = tuple(blocks)
+        read = {p: [self.read_point(p, b, rows, device, dtype) for b in p.blocks] for p in points}
         if stream:
-            return StreamedTaps(lambda b: self.read_block(b, rows, device, dtype), pooled, blocks)
+            return StreamedTaps(lambda b: self.read_block(b, rows, device, dtype), pooled, blocks, read)
         kv = [self.read_block(b, rows, device, dtype) for b in blocks]
-        return Taps([k for k, _ in kv], [v for _, v in kv], pooled, blocks)
+        return Taps([k for k, _ in kv], [v for _, v in kv], pooled, blocks, read)
 
 
 class _LazyBlocks(Sequence[torch.Tensor]):
@@ -184,8 +200,8 @@ class StreamedTaps(Taps):
     checkpointing with the read inside, so neither forward nor backward holds more than one block's K/V."""
 
     def __init__(self, read: Callable[[int], tuple[torch.Tensor, torch.Tensor]], pooled: torch.Tensor,
-                 blocks: tuple[int, ...]):
-        super().__init__(_LazyBlocks(read, blocks, 0), _LazyBlocks(read, blocks, 1), pooled, blocks)
+                 blocks: tuple[int, ...], points: dict[Point, Sequence[torch.Tensor]] | None = None):
+        super().__init__(_LazyBlocks(read, blocks, 0), _LazyBlocks(read, blocks, 1), pooled, blocks, points or {})
         self._read = read
 
     def kv(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,10 +227,11 @@ class CachedBatches:
     """
 
     def __init__(self, cache: TapCache, listing: Listing, blocks: Sequence[int], stream: bool = False,
-                 prefetch: bool = True):
+                 prefetch: bool = True, points: Sequence[Point] = ()):
         self.cache = cache
         self.listing = listing
         self.blocks = tuple(blocks)
+        self.points = tuple(points)
         self.stream = stream
         self.prefetch = prefetch and not stream
         self.rows = cache.rows_for(listing)
@@ -227,7 +244,7 @@ class CachedBatches:
         return self.listing.labels
 
     def _batch(self, idx: np.ndarray, device: torch.device) -> tuple[Taps, torch.Tensor]:
-        return (self.cache.taps(self.rows[idx], self.blocks, device, self.stream),
+        return (self.cache.taps(self.rows[idx], self.blocks, device, self.stream, points=self.points),
                 self._labels[torch.from_numpy(idx)].to(device))
 
     def iterate(self, order: list[int], batch_size: int, device: torch.device) -> Iterator[tuple[Taps, torch.Tensor]]:

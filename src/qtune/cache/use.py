@@ -27,15 +27,15 @@ def cached_splits(path: str | Path, model: TunedModel, splits: Mapping[str, List
         cache = TapCache(path)
     except CacheError as e:
         return {}, [live(str(e))]
-    blocks = model.blocks_read()
-    why = cache.mismatch(model.backbone, blocks)
+    blocks, points = model.blocks_read(), model.points_read()
+    why = cache.mismatch(model.backbone, blocks, points)
     if why:
         return {}, [live(why)]
     served: dict[str, CachedBatches] = {}
     notes: list[str] = []
     for name, listing in splits.items():
         try:
-            served[name] = CachedBatches(cache, listing, blocks, stream=stream)
+            served[name] = CachedBatches(cache, listing, blocks, stream=stream, points=points)
         except CacheError as e:
             notes.append(live(str(e), name))
     return served, notes

@@ -1,9 +1,11 @@
-"""VQT's feature selection (Tu, Mai and Chao, CVPR 2023): a smaller head over the features that matter.
+"""Feature selection by group lasso, as VQT (Tu, Mai and Chao, CVPR 2023) and Head2Toe (Evci et al., ICML 2022)
+do it: a smaller head over the features that matter.
 
-As the authors' code does it: the trained queries stay fixed, so the head's input features are fixed too; a linear
-classifier is trained on them with an L2,1 penalty (the sum over input dimensions of the L2 norm of the weight's
-column), the ``keep`` fraction of dimensions with the largest column norms is kept, and a fresh classifier is
-trained on those alone. The result is a VQT model whose head reads only the kept dimensions (``feature_ids``).
+The trained method's head input is a fixed function of the image (VQT's queries stay fixed; Head2Toe's features are
+the frozen backbone's), so a linear classifier is trained on it with an L2,1 penalty (the sum over input dimensions
+of the L2 norm of the weight's column), the ``keep`` fraction of dimensions with the largest column norms is kept,
+and a fresh classifier is trained on those alone. The result is a model of the same method whose head reads only
+the kept dimensions (its ``feature_ids`` option); its other trainable tensors are the input model's.
 """
 from __future__ import annotations
 
@@ -64,12 +66,12 @@ def train_classifier(head: nn.Linear, features: torch.Tensor, labels: torch.Tens
     return loss_sum / n
 
 
-def compress_vqt(model: TunedModel, train: Batches, keep: float, cfg: TrainConfig,
-                 penalty: float = 1e-4) -> tuple[TunedModel, dict[str, Any]]:
-    """A VQT model whose head reads the ``keep`` fraction of its input dimensions chosen by the L2,1-penalised
+def compress(model: TunedModel, train: Batches, keep: float, cfg: TrainConfig,
+             penalty: float = 1e-4) -> tuple[TunedModel, dict[str, Any]]:
+    """A model whose head reads the ``keep`` fraction of its input dimensions chosen by the L2,1-penalised
     classifier, retrained on them; and what changed (dimensions and head parameters before and after)."""
-    if model.method.name != "vqt":
-        raise ConfigError(f"compression is VQT's (got method {model.method.name!r})")
+    if not hasattr(model.method.config, "feature_ids"):
+        raise ConfigError(f"feature selection is VQT's and Head2Toe's (got method {model.method.name!r})")
     if not 0.0 < keep <= 1.0:
         raise ConfigError(f"--keep must be in (0, 1] (got {keep})")
     if penalty < 0:
@@ -85,10 +87,10 @@ def compress_vqt(model: TunedModel, train: Batches, keep: float, cfg: TrainConfi
     before = model.method.kept
     ids = chosen if before is None else before.cpu()[chosen]
     options = {**model.method.config.to_dict(), "feature_ids": ids.tolist()}
-    small = TunedModel.build(model.backbone, "vqt", classes, options, seed=cfg.seed)
-    with torch.no_grad():
-        small.method.queries.copy_(model.method.queries)
-    small.method.queries.requires_grad_(True)
+    small = TunedModel.build(model.backbone, model.method.name, classes, options, seed=cfg.seed)
+    head = model.method.classifier()
+    kept = {n: p for n, p in model.method.named_parameters() if not any(p is q for q in head.parameters())}
+    small.method.load_state_dict(kept, strict=False)  # everything but the head, as trained
     loss = train_classifier(small.method.head, features[:, chosen], labels, cfg)
     head_params = lambda m: sum(p.numel() for p in m.method.head.parameters())  # noqa: E731
     return small, {"features_before": width, "features_after": k, "head_parameters_before": head_params(model),

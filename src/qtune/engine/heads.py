@@ -40,6 +40,7 @@ def predict_heads(backbone: Backbone, models: Sequence[TunedModel], images: Imag
     for _, s in stacks:
         s.train(False)
     blocks = tuple(sorted({b for i in side for b in models[i].blocks_read()}))
+    points = tuple(dict.fromkeys(p for i in side for p in models[i].points_read()))
     outs: list[list[torch.Tensor]] = [[] for _ in models]
     labels = []
     order = list(range(len(images)))
@@ -47,7 +48,7 @@ def predict_heads(backbone: Backbone, models: Sequence[TunedModel], images: Imag
                      desc=desc, disable=not cfg.progress, leave=False):
         with _autocast(device, cfg.precision):
             if stacks:
-                taps = backbone.trace(x, blocks)
+                taps = backbone.trace(x, blocks, points)
                 for idx, s in stacks:
                     for i, logits in zip(idx, s.logits(taps)):
                         outs[i].append(logits.float().cpu())

@@ -22,6 +22,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any, Iterator
 
+from ..backbones.points import Point
 from ..cache.manifest import backbone_key, digest
 from ..data.offline import make_offline_benchmark
 from ..errors import ConfigError
@@ -68,6 +69,7 @@ class Plan:
         self.backbone_key = backbone_key(backbone)
         self.task_ids = {t: _task_identity(s) for t, s in self.sources.items()}
         self.candidates = {(t, m.name): spec.candidates(t, m) for t in spec.tasks for m in spec.methods}
+        self.reads = {t: self._reads(backbone, t) for t in spec.tasks}
         self.hash = digest(canonical({"backbone": self.backbone_key, "tasks": self.task_ids,
                                       "candidates": {f"{t}/{m}": [asdict(c) for c in cs]
                                                      for (t, m), cs in self.candidates.items()},
@@ -86,10 +88,30 @@ class Plan:
     def checkpoints(self, task: str) -> Path:
         return self.out / "checkpoints" / task
 
+    def _reads(self, backbone: Any, task: str) -> tuple[tuple[int, ...], tuple[Point, ...]]:
+        """The blocks (K/V) and block points the task's side-path candidates read: what its cache stores."""
+        from ..tuned import TunedModel
+
+        blocks: set[int] = set()
+        points: dict[Point, None] = {}
+        for m in self.spec.methods:
+            if get_method(m.name).reads_taps:
+                for c in self.candidates[(task, m.name)]:
+                    model = TunedModel.build(backbone, m.name, self.num_classes[task], c.options)
+                    blocks.update(model.blocks_read())
+                    points.update(dict.fromkeys(model.points_read()))
+        return tuple(sorted(blocks)), tuple(points)
+
     def cache_dir(self, task: str) -> Path:
-        """Per task, dtype and backbone: two specs sharing an output folder never compete for one cache."""
-        backbone = digest(canonical(self.backbone_key).encode())[:8]
-        return self.out / "cache" / f"{task}-{self.spec.cache_dtype}-{backbone}"
+        """Per task, dtype, backbone and what is stored: two specs sharing an output folder never compete for one
+        cache. (A cache of every block's K/V and no points keeps the name it had before points existed.)"""
+        blocks, points = self.reads[task]
+        key = dict(self.backbone_key)
+        if blocks != tuple(range(self.backbone_key["shape"]["depth"])):
+            key["blocks"] = list(blocks)
+        if points:
+            key["points"] = [p.to_dict() for p in points]
+        return self.out / "cache" / f"{task}-{self.spec.cache_dtype}-{digest(canonical(key).encode())[:8]}"
 
     def _key(self, task: str, method: str, c: Candidate, kind: str, fold: int, seed: int) -> str:
         return digest(canonical({"backbone": self.backbone_key, "task": [task, self.task_ids[task]], "method": method,
@@ -115,7 +137,8 @@ class Plan:
         return {"kind": kind, "task": task, "source": self.sources[task].to_dict(),
                 "num_classes": self.num_classes[task], "backbone": asdict(self.spec.backbone),
                 "cache": str(self.cache_dir(task)), "checkpoints": str(self.checkpoints(task)), "cache_dtype": self.spec.cache_dtype,
-                "protocol": self.protocol, "items": items, "threads": threads, "progress": progress}
+                "protocol": self.protocol, "items": items, "threads": threads, "progress": progress,
+                "blocks": list(self.reads[task][0]), "points": [p.to_dict() for p in self.reads[task][1]]}
 
 
 def _item(t: Trial) -> dict[str, Any]:
@@ -277,7 +300,7 @@ def run_sweep(spec_path: str | Path, out: str | Path, executor: str = "local", j
                 f"({time.perf_counter() - start:.0f} s)", flush=True)
 
     needs_cache = {t.task for t in todo if get_method(t.method).reads_taps}
-    run([plan.unit("cache", t, [], threads) for t in side_tasks if t in needs_cache], "cache")
+    run([plan.unit("cache", t, [], threads, progress) for t in side_tasks if t in needs_cache], "cache")
     groups = _groups(todo)
     sizes = _stack_sizes(plan, groups, memory_budget, max_stack) if memory_budget else {}
     for key, size in sizes.items():
@@ -306,7 +329,7 @@ def run_sweep(spec_path: str | Path, out: str | Path, executor: str = "local", j
     for t in todo_finals:
         per_task.setdefault(t.task, []).append(t)
     final_caches = {t.task for t in todo_finals if get_method(t.method).reads_taps} - needs_cache
-    run([plan.unit("cache", t, [], threads) for t in sorted(final_caches)], "cache")
+    run([plan.unit("cache", t, [], threads, progress) for t in sorted(final_caches)], "cache")
     units = [plan.unit("final", task, [_item(t) for t in ts], threads, progress) for task, ts in per_task.items()]
     for u in units:
         store.mark([i["key"] for i in u["items"]], "running")
@@ -346,13 +369,15 @@ def _cache_unit(unit: dict[str, Any]) -> dict[str, Any]:
     from ..cache import build_cache
 
     backbone, data = _load(unit)
-    build_cache(unit["cache"], backbone, [data.pool], dtype=unit["cache_dtype"], progress=False)
+    build_cache(unit["cache"], backbone, [data.pool], dtype=unit["cache_dtype"], blocks=unit["blocks"], progress=False,
+                on_chunk=_ticker(unit, f"cache of {len(data.pool.samples)} images", "chunk"),
+                points=[Point.from_dict(p) for p in unit["points"]])
     return {"results": {}}
 
 
-def _epoch_ticker(unit: dict[str, Any], what: str, every: float = 20.0):
-    """An on-epoch callback printing a line at most every ``every`` seconds (None without progress): no long stretch
-    of a sweep is silent."""
+def _ticker(unit: dict[str, Any], what: str, step: str = "epoch", every: float = 20.0):
+    """A callback, called with a step's number (an epoch, a cache chunk), printing a line at most every ``every``
+    seconds (None without progress): no long stretch of a sweep is silent."""
     if not unit.get("progress"):
         return None
     last = [time.perf_counter()]
@@ -360,7 +385,7 @@ def _epoch_ticker(unit: dict[str, Any], what: str, every: float = 20.0):
     def tick(epoch: int) -> None:
         if time.perf_counter() - last[0] >= every:
             last[0] = time.perf_counter()
-            print(f"    {unit['task']} {what}: epoch {epoch} done", flush=True)
+            print(f"    {unit['task']} {what}: {step} {epoch} done", flush=True)
     return tick
 
 
@@ -406,7 +431,7 @@ def _select_unit(unit: dict[str, Any]) -> dict[str, Any]:
     weights = (~masks & (data.final_train | data.val)).float()
     batches = _train_batches(models[0], unit, data.pool)
     t0 = time.perf_counter()
-    tick = _epoch_ticker(unit, f"{items[0]['method']} selection x{len(items)}")
+    tick = _ticker(unit, f"{items[0]['method']} selection x{len(items)}")
     if models[0].reads_taps:
         fit_many(models, batches, cfgs, sample_weights=weights, on_epoch=tick and (lambda e, _: tick(e)))
         logits, labels = predict_many(models, batches, cfgs[0])
@@ -447,7 +472,7 @@ def _final_unit(unit: dict[str, Any]) -> dict[str, Any]:
                   for i, c in zip(items, cfgs)]
         batches = _train_batches(models[0], unit, data.pool)
         t0 = time.perf_counter()
-        tick = _epoch_ticker(unit, f"{method} final x{len(models)}")
+        tick = _ticker(unit, f"{method} final x{len(models)}")
         if models[0].reads_taps:
             fit_many(models, batches, cfgs, None if weight is None else weight.expand(len(models), -1),
                      on_epoch=tick and (lambda e, _: tick(e)))

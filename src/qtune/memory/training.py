@@ -56,7 +56,7 @@ def _stream_taps(taps, blocks: tuple[int, ...]):
         return k.clone().float(), v.clone().float()
 
     source_bytes = sum(k.nbytes + v.nbytes for k, v in source.values())
-    return StreamedTaps(read, taps.pooled, blocks), source_bytes
+    return StreamedTaps(read, taps.pooled, blocks, taps.points), source_bytes
 
 
 def measure_training(backbone: Backbone, method: str, options: dict[str, Any] | None = None, *, batch_size: int,
@@ -83,13 +83,14 @@ def measure_training(backbone: Backbone, method: str, options: dict[str, Any] | 
             return model(images)
     else:
         blocks = model.blocks_read()
-        taps = model.backbone.trace(images, blocks)
+        taps = model.trace(images)
         del images
+        points = [t for ts in taps.points.values() for t in ts]
         if mode == "cached_stream":
             taps, extra["cache_source_bytes"] = _stream_taps(taps, tuple(blocks))
-            inputs = [taps.pooled, labels]
+            inputs = [taps.pooled, *points, labels]
         else:
-            inputs = [*taps.keys, *taps.values, taps.pooled, labels]
+            inputs = [*taps.keys, *taps.values, taps.pooled, *points, labels]
 
         def forward() -> torch.Tensor:
             return model.forward_taps(taps)

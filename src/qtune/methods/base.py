@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..backbones import Backbone, Taps
+from ..backbones import Backbone, Point, Taps
 from ..errors import ConfigError
 from ..options import option_pairs
 
@@ -105,6 +105,13 @@ def probability(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be in [0, 1) (got {value})")
 
 
+def feature_ids(ids: list[int] | None) -> None:
+    """The head input dimensions kept by feature selection (``engine/compress.py``): distinct, non-negative."""
+    if ids is not None and (not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids)
+                            or len(set(ids)) != len(ids)):
+        raise ConfigError("feature_ids must be distinct non-negative whole numbers (or unset)")
+
+
 def block_count(name: str, value: int | None) -> None:
     """Range check for an optional number of blocks, before the backbone's depth is known."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -153,6 +160,10 @@ class Method(nn.Module):
     def blocks_read(self, backbone: Backbone) -> tuple[int, ...]:
         """Backbone blocks whose K/V this side-path method reads (the trace and the cache keep only these)."""
         return tuple(range(backbone.depth))
+
+    def points_read(self, backbone: Backbone) -> tuple[Point, ...]:
+        """Block points (``backbones.points``) this side-path method reads beyond K/V; the trace keeps these too."""
+        return ()
 
     def classifier(self) -> nn.Linear | None:
         """The final linear layer: its input is the feature the head reads (t-SNE plots show it)."""

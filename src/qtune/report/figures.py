@@ -31,7 +31,7 @@ def head_inputs(model: TunedModel, listing: Listing, batch_size: int = 64, limit
     pooled, labels = [], []
     try:
         for x, y in images.iterate(list(range(len(listing.samples))), batch_size, torch.device("cpu")):
-            taps = model.backbone.trace(x, model.blocks_read())
+            taps = model.trace(x)
             model.forward_taps(taps)
             pooled.append(taps.pooled)
             labels.append(y)

@@ -15,7 +15,7 @@ from torch import nn
 from ...backbones import Backbone, Taps
 from ..registry import register
 from ...errors import ConfigError
-from ..base import Method, MethodConfig, positive, probability
+from ..base import Method, MethodConfig, feature_ids, positive, probability
 from ..layers import vpt_head, vpt_uniform_bound
 from ..masks import Dropout
 
@@ -31,10 +31,7 @@ class VQTConfig(MethodConfig):
     def validate(self) -> None:
         positive("tokens", self.tokens)
         probability("dropout", self.dropout)
-        ids = self.feature_ids
-        if ids is not None and (not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids)
-                                or len(set(ids)) != len(ids)):
-            raise ConfigError("feature_ids must be distinct non-negative whole numbers (or unset)")
+        feature_ids(self.feature_ids)
 
 
 @register
