@@ -20,11 +20,11 @@ N, CLASSES = 40, 4
 class TapBatches:
     """Taps of N random images traced once, served like a cache."""
 
-    def __init__(self, backbone, blocks):
+    def __init__(self, backbone, blocks, points=()):
         g = torch.Generator().manual_seed(0)
         images = torch.randn(N, 3, 32, 32, generator=g)
         self.labels_t = torch.arange(N) % CLASSES
-        self.taps = backbone.trace(images, blocks)
+        self.taps = backbone.trace(images, blocks, points)
 
     def __len__(self) -> int:
         return N
@@ -33,7 +33,9 @@ class TapBatches:
         for s in range(0, len(order), batch_size):
             i = torch.tensor(order[s:s + batch_size])
             t = self.taps
-            yield Taps([k[i] for k in t.keys], [v[i] for v in t.values], t.pooled[i], t.blocks), self.labels_t[i]
+            points = {p: [x[i] for x in xs] for p, xs in t.points.items()}
+            taps = Taps([k[i] for k in t.keys], [v[i] for v in t.values], t.pooled[i], t.blocks, points)
+            yield taps, self.labels_t[i]
 
     def forward(self, model, taps):
         return model.forward_taps(taps)
@@ -44,6 +46,8 @@ CASES = {
     "vqt": [{"tokens": 2, "dropout": 0.1}] * 3,
     "synqt": [{"tokens": 2, "dropout": 0.1, "drop_feat": 0.3, "attn_scale": s, "ffn_scale": s, "feat_scale": s,
                "bottleneck": 8, "qsm_bottleneck": 4} for s in (0.1, 1.0, 0.5)],
+    "head2toe": [{"target_size": 96}] * 3,
+    "lst": [{"reduction": 4}] * 3,
 }
 TRAIN = dict(epochs=3, batch_size=16, warmup_epochs=1, shuffle_seed=5, progress=False)
 PER_MODEL = [dict(lr=1e-3, weight_decay=1e-2, seed=0), dict(lr=3e-3, weight_decay=0.0, seed=1, optimizer="adam"),
@@ -89,7 +93,7 @@ def test_stack_equals_sequential_fits(dtype, method):
     backbone = tiny_backbone()
     cfgs = [TrainConfig(**TRAIN, **hp) for hp in PER_MODEL]
     stacked, alone = _pair(backbone, method, CASES[method], [c.seed for c in cfgs])
-    batches = TapBatches(backbone, stacked[0].blocks_read())
+    batches = TapBatches(backbone, stacked[0].blocks_read(), stacked[0].points_read())
     before = {n: p.clone() for n, p in stacked[0].trainable_parameters().items()}
     histories = fit_many(stacked, batches, cfgs)
     for model, cfg, history in zip(alone, cfgs, histories):
@@ -171,3 +175,17 @@ def test_budget_bounds_the_stack(backbone):
     assert 2 <= g <= 4  # the two-point line predicts three models' bytes to within about one model
     assert models_per_stack(build, batches, 16, budget=1, most=64) == 1
     assert models_per_stack(build, batches, 16, budget=10**12, most=5) == 5
+
+
+@pytest.mark.parametrize("method", ["vqt", "synqt"])
+def test_a_stack_of_one_is_its_own_fit(backbone, method):
+    """A stack of one runs without vmap and draws its dropout masks from its own generator, seeded as fit seeds the
+    global RNG: the same weights and logits as fit, bit for bit."""
+    cfg = TrainConfig(**TRAIN, **PER_MODEL[0])
+    [stacked], [alone] = _pair(backbone, method, CASES[method][:1], [cfg.seed])
+    batches = TapBatches(backbone, stacked.blocks_read())
+    fit_many([stacked], batches, [cfg])
+    fit(alone, batches, cfg)
+    for name, p in stacked.trainable_parameters().items():
+        assert torch.equal(p, alone.trainable_parameters()[name]), name
+    assert torch.equal(predict_many([stacked], batches, cfg)[0][0], predict(alone, batches, cfg)[0])

@@ -1,7 +1,7 @@
 """Random masks (dropout, DropFeat) that a stack of models trained at once draws per model, as each would alone.
 
 One model draws its masks from the global RNG exactly as ``nn.Dropout`` does on CPU (``bernoulli_(keep)``, then
-divided by ``keep``). Under ``torch.func.vmap`` over a stack of G models (``engine.many``), the vmap rule below draws
+divided by ``keep``); in a stack of one (``engine.many`` runs it without vmap), from that model's generator. Under ``torch.func.vmap`` over a stack of G models (``engine.many``), the vmap rule below draws
 model g's mask from its own generator, seeded as model g's own run would seed the global RNG: each model of a stack
 sees the masks of its sequential run, in the same order.
 """
@@ -31,7 +31,9 @@ class _KeepMask(torch.autograd.Function):
 
     @staticmethod
     def forward(like: torch.Tensor, keep: float) -> torch.Tensor:
-        return torch.empty_like(like).bernoulli_(keep).div_(keep)
+        # a stack of one model runs without vmap: its mask comes from its own generator all the same
+        gen = _generators[-1][0] if _generators and len(_generators[-1]) == 1 else None
+        return torch.empty_like(like).bernoulli_(keep, generator=gen).div_(keep)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
