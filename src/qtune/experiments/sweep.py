@@ -96,8 +96,10 @@ class Plan:
         points: dict[Point, None] = {}
         for m in self.spec.methods:
             if get_method(m.name).reads_taps:
-                for c in self.candidates[(task, m.name)]:
-                    model = TunedModel.build(backbone, m.name, self.num_classes[task], c.options)
+                # what is read depends on the options only: one model per distinct options, not per lr or seed
+                distinct = {canonical(c.options): c.options for c in self.candidates[(task, m.name)]}
+                for options in distinct.values():
+                    model = TunedModel.build(backbone, m.name, self.num_classes[task], options)
                     blocks.update(model.blocks_read())
                     points.update(dict.fromkeys(model.points_read()))
         return tuple(sorted(blocks)), tuple(points)
