@@ -31,6 +31,7 @@ from qtune.report.tables import ResultRow, benchmark_table, format_markdown, for
 TASKS = ("dsprites_loc", "clevr_dist", "clevr_count", "fashion_mnist", "mnist", "dsprites_ori")  # longest first
 GROUPS = ("natural", "structured")
 SIDE = ("linear", "vqt", "synqt")
+FAMILY = ("head2toe", "lst", "dtl", "dtl_plus")  # the rest of the side-path family (--methods), one recipe each
 REAL = ("fashion_mnist", "mnist")
 # Stream methods: one configuration each (AdamW learning rates from their papers' usual ranges), no selection.
 STREAM_LR = {"vpt_deep": 1e-2, "lora": 1e-3, "adaptformer": 1e-3, "bitfit": 3e-3, "full": 1e-4}
@@ -59,6 +60,23 @@ def side_plans(task: str, seeds: tuple[int, ...], variants: list[tuple[str, dict
     return [p for p in plans if p.method in methods]
 
 
+def family_plans(methods: tuple[str, ...], seeds: tuple[int, ...]) -> list[MethodPlan]:
+    """Head2Toe, LST, DTL and DTL+ with their authors' optimisers (schedules cut to CPU budgets, as the offline
+    sweep examples/sweep-side-family.toml runs them), lr chosen on val200 among two."""
+    quiet = {"progress": False}
+    dtl = TrainConfig(optimizer="adamw", batch_size=32, epochs=30, warmup_epochs=3, weight_decay=0.05, **quiet)
+    recipes = {
+        "head2toe": (TrainConfig(optimizer="adam", batch_size=128, epochs=50, warmup_epochs=5, weight_decay=0.0,
+                                 **quiet), (1e-2, 1e-3)),
+        "lst": (TrainConfig(optimizer="adamw", batch_size=64, epochs=30, warmup_epochs=6, weight_decay=1e-2, **quiet),
+                (3e-3, 1e-3)),
+        "dtl": (dtl, (1e-2, 1e-3)),
+        "dtl_plus": (dtl, (1e-2, 1e-3)),
+    }
+    return [MethodPlan(m, recipes[m][0], tuple({"lr": lr} for lr in recipes[m][1]), seeds=seeds)
+            for m in methods if m in recipes]
+
+
 def stream_plans(methods: list[str], epochs: int, input_size: int) -> list[MethodPlan]:
     cfg = TrainConfig(epochs=epochs, warmup_epochs=max(1, epochs // 5), batch_size=64, weight_decay=1e-4,
                       progress=False, min_lr=1e-6)
@@ -72,7 +90,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/real", help="data, caches, per-run results and tables")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--test-size", type=int, default=1000)
-    p.add_argument("--methods", default=",".join(SIDE), help="side-path methods to run (none: only --stream-methods)")
+    p.add_argument("--methods", default=",".join(SIDE),
+                   help=f"side-path methods to run, of {','.join(SIDE + FAMILY)} (none: only --stream-methods)")
     p.add_argument("--vqt-lrs", default="0.25,0.05", help="VQT's candidates (points of its paper's grid)")
     p.add_argument("--synqt-natural", default="defaults,svhn",
                    help="SynQT's candidates on tasks without a preset: defaults and/or svhn (SVHN's preset)")
@@ -103,8 +122,11 @@ def main() -> None:
                                             test_size=args.test_size)[0]
     side = tuple(m for m in args.methods.split(",") if m)
     vqt_lrs = tuple(float(x) for x in args.vqt_lrs.split(","))
+    unknown = [m for m in side if m not in SIDE + FAMILY]
+    if unknown:
+        p.error(f"--methods: {', '.join(unknown)} (choose from {', '.join(SIDE + FAMILY)})")
     plans_by_task = {t: side_plans(t, seeds, variants, side, vqt_lrs, tuple(args.synqt_natural.split(",")))
-                     for t in tasks}
+                     + family_plans(side, seeds) for t in tasks}
     stream = [m for m in args.stream_methods.split(",") if m]
     for t in args.stream_tasks.split(","):
         if stream and t in plans_by_task:
@@ -117,7 +139,7 @@ def main() -> None:
     else:
         rows = run_tasks(dirs, out, plans_by_task, weights, jobs=args.jobs, keep_cache=args.keep_caches,
                          cache_dtype=args.cache_dtype)
-    order = list(dict.fromkeys([*SIDE, *(p.name for ps in plans_by_task.values() for p in ps),
+    order = list(dict.fromkeys([*SIDE, *FAMILY, *(p.name for ps in plans_by_task.values() for p in ps),
                                 *(r.method for r in rows)]))
     rows.sort(key=lambda r: order.index(r.method))
     if not rows:

@@ -212,7 +212,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
         except ConfigError:
             continue
         cls = type(model.method)
-        kind = "side" if cls.reads_taps else "stream"
+        kind = "stream" if not cls.reads_taps else "hybrid" if model.method.live_blocks(backbone) else "side"
         print(f"{name:<{width}} {kind:<7} {model.num_trainable():>12,}  {cls.summary}")
 
 

@@ -84,7 +84,7 @@ def test_train_job_with_a_cache_writes_the_live_run_checkpoint(cache_dir, vtab, 
         assert _rel(b[name], a[name]) <= RTOL, name
 
 
-@pytest.mark.parametrize("method", ["head2toe", "lst"])
+@pytest.mark.parametrize("method", ["head2toe", "lst", "dtl", "dtl_plus"])
 def test_block_points_from_the_cache_train_as_live(vtab, tmp_path, method):
     """Methods that read block points (pooled or per token) train from a cache holding them as they train live;
     a cache without them is refused, with the points named."""

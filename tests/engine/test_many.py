@@ -48,6 +48,7 @@ CASES = {
                "bottleneck": 8, "qsm_bottleneck": 4} for s in (0.1, 1.0, 0.5)],
     "head2toe": [{"target_size": 96}] * 3,
     "lst": [{"reduction": 4}] * 3,
+    "dtl_plus": [{"rank": 2}] * 3,
 }
 TRAIN = dict(epochs=3, batch_size=16, warmup_epochs=1, shuffle_seed=5, progress=False)
 PER_MODEL = [dict(lr=1e-3, weight_decay=1e-2, seed=0), dict(lr=3e-3, weight_decay=0.0, seed=1, optimizer="adam"),

@@ -42,6 +42,19 @@ def test_selection_seeds_and_resume(task_dir, tmp_path, monkeypatch, capsys):
                  demo_weights())
 
 
+def test_one_cache_per_task_holds_what_every_side_plan_reads(task_dir, tmp_path, capsys):
+    """A method reading block points (DTL: X_0 .. X_M per token) trains from the task's cache, not live; the cache
+    is named by what it stores, so it never collides with a plain K/V cache of the same task."""
+    plans = [MethodPlan("linear", CFG), MethodPlan("dtl", CFG)]
+    rows = run_task("dsprites_loc", task_dir, tmp_path, plans, demo_weights(), cache_dtype="fp16")
+    assert [r.method for r in rows] == ["linear", "dtl"] and rows[1].memory_kind
+    assert "tracing live" not in capsys.readouterr().out
+    (cache,) = (tmp_path / "cache").iterdir()
+    assert cache.name.startswith("dsprites_loc-fp16-")
+    assert sorted(f.name for f in cache.glob("point_x_*.npy")) == [f"point_x_{b:03d}.npy" for b in range(7)]
+    assert not list(cache.glob("block_*.npy"))  # neither method reads K/V
+
+
 def test_partial_methods_get_no_group_mean():
     def row(method, task, group, acc):
         return ResultRow(method, task, group, acc, 1, 1, "cpu", 1.0, {})

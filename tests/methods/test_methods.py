@@ -29,6 +29,8 @@ VARIANTS = [
     ("adapter+vqt", {"placement": "houlsby", "trainable_blocks": 1}),
     ("vpt_deep+synqt", {"vpt_deep.trainable_blocks": 1, "synqt.tokens": 2}),
     ("full+vqt", {"trainable_blocks": 1}),
+    ("dtl", {"add_from": 2}),
+    ("dtl_plus", {"add_from": 0, "kernel": 2, "pool": "cls"}),
 ]
 CASES = [pytest.param(m, {}, id=m) for m in METHODS] + [
     pytest.param(m, o, id=m + "-" + ",".join(f"{k}={v}" for k, v in o.items())) for m, o in VARIANTS]

@@ -1,9 +1,11 @@
 """Serve a training run's splits from a cache when it matches, and say in one line why not when it does not."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Iterable, Mapping
 
+from ..backbones import Backbone, Point
 from ..data import Listing
 from ..errors import CacheError
 from ..tuned import TunedModel
@@ -39,3 +41,20 @@ def cached_splits(path: str | Path, model: TunedModel, splits: Mapping[str, List
         except CacheError as e:
             notes.append(live(str(e), name))
     return served, notes
+
+
+def what_is_read(backbone: Backbone, candidates: Iterable[tuple[str, dict[str, Any]]], num_classes: int,
+                 ) -> tuple[tuple[int, ...], tuple[Point, ...]]:
+    """The blocks (K/V) and block points that side-path ``(method, options)`` candidates read: what a cache serving
+    them stores. What is read depends on the options only, so one model is built per distinct (method, options)."""
+    from ..methods import get_method
+
+    blocks: set[int] = set()
+    points: dict[Point, None] = {}
+    distinct = {(m, json.dumps(o, sort_keys=True, default=str)): (m, o) for m, o in candidates}
+    for method, options in distinct.values():
+        if get_method(method).reads_taps:
+            model = TunedModel.build(backbone, method, num_classes, options)
+            blocks.update(model.blocks_read())
+            points.update(dict.fromkeys(model.points_read()))
+    return tuple(sorted(blocks)), tuple(points)

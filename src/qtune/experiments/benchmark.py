@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from ..backbones import Backbone, load_backbone
-from ..cache import build_cache, cached_splits
+from ..cache import build_cache, cached_splits, what_is_read
 from ..cache.manifest import digest
 from ..data import ImageDataset
 from ..data.benchmarks import read_vtab
@@ -77,7 +77,8 @@ def step_memory(model: TunedModel, batches: Any, batch_size: int) -> tuple[int, 
     inputs, labels = next(batches.iterate(list(range(min(batch_size, len(batches)))), batch_size,
                                           torch.device("cpu")))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    flat = [*inputs.keys, *inputs.values, inputs.pooled] if hasattr(inputs, "pooled") else [inputs]
+    flat = ([*inputs.keys, *inputs.values, inputs.pooled, *(t for ts in inputs.points.values() for t in ts)]
+            if hasattr(inputs, "pooled") else [inputs])
     acc = measure_step(model, opt, lambda: torch.nn.functional.cross_entropy(batches.forward(model, inputs), labels),
                        flat)
     return acc.total, acc.kind
@@ -127,20 +128,32 @@ def run_task(task: str, task_dir: Path, out: Path, plans: Sequence[MethodPlan], 
             print(f"  {task:<14} {plan.name:<12} done before: {100 * rows[plan.name].accuracy:5.1f}% ({path})")
         else:
             todo.append((plan, path))
-    cache = out / "cache" / f"{task}-{cache_dtype}"
     backbones: dict[int | None, Backbone] = {}
+
+    def backbone_at(size: int | None) -> Backbone:
+        if size not in backbones:
+            backbones[size] = _backbone(weights, size)
+        return backbones[size]
+
+    side_plans = [p for p, _ in todo if get_method(p.method).reads_taps and p.input_size is None]
+    cache = None
+    if side_plans:  # one cache holds what every side-path plan of the task reads, named by what it stores
+        blocks, points = what_is_read(backbone_at(None), ((p.method, {**p.options, **hp.get("options", {})})
+                                                          for p in side_plans for hp in p.grid),
+                                      ALL_TASKS[task].num_classes)
+        stored = "" if not points and len(blocks) == backbone_at(None).depth else "-" + digest(json.dumps(
+            [blocks, [p.to_dict() for p in points]]).encode())[:8]
+        cache = out / "cache" / f"{task}-{cache_dtype}{stored}"
     for plan, path in todo:
-        if plan.input_size not in backbones:
-            backbones[plan.input_size] = _backbone(weights, plan.input_size)
-        backbone = backbones[plan.input_size]
-        side = get_method(plan.method).reads_taps and plan.input_size is None
+        backbone = backbone_at(plan.input_size)
+        side = plan in side_plans
         if side:
             build_cache(cache, backbone, [splits["train800val200"], splits["test"]], dtype=cache_dtype,
-                        progress=progress)
+                        blocks=blocks, points=points, progress=progress)
         row = _run_plan(plan, task, backbone, splits, cache if side else None)
         write_json(path, asdict(row))
         rows[plan.name] = row
-    if not keep_cache and cache.exists():
+    if not keep_cache and cache is not None and cache.exists():
         shutil.rmtree(cache)
     return [rows[p.name] for p in plans]
 

@@ -90,19 +90,10 @@ class Plan:
 
     def _reads(self, backbone: Any, task: str) -> tuple[tuple[int, ...], tuple[Point, ...]]:
         """The blocks (K/V) and block points the task's side-path candidates read: what its cache stores."""
-        from ..tuned import TunedModel
+        from ..cache import what_is_read
 
-        blocks: set[int] = set()
-        points: dict[Point, None] = {}
-        for m in self.spec.methods:
-            if get_method(m.name).reads_taps:
-                # what is read depends on the options only: one model per distinct options, not per lr or seed
-                distinct = {canonical(c.options): c.options for c in self.candidates[(task, m.name)]}
-                for options in distinct.values():
-                    model = TunedModel.build(backbone, m.name, self.num_classes[task], options)
-                    blocks.update(model.blocks_read())
-                    points.update(dict.fromkeys(model.points_read()))
-        return tuple(sorted(blocks)), tuple(points)
+        return what_is_read(backbone, ((m.name, c.options) for m in self.spec.methods
+                                       for c in self.candidates[(task, m.name)]), self.num_classes[task])
 
     def cache_dir(self, task: str) -> Path:
         """Per task, dtype, backbone and what is stored: two specs sharing an output folder never compete for one

@@ -165,6 +165,10 @@ class Method(nn.Module):
         """Block points (``backbones.points``) this side-path method reads beyond K/V; the trace keeps these too."""
         return ()
 
+    def live_blocks(self, backbone: Backbone) -> tuple[int, ...]:
+        """Frozen blocks a side-path method runs again, live and with backward, on a stream it changed (DTL)."""
+        return ()
+
     def classifier(self) -> nn.Linear | None:
         """The final linear layer: its input is the feature the head reads (t-SNE plots show it)."""
         return None
