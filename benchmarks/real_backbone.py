@@ -60,9 +60,10 @@ def side_plans(task: str, seeds: tuple[int, ...], variants: list[tuple[str, dict
     return [p for p in plans if p.method in methods]
 
 
-def family_plans(methods: tuple[str, ...], seeds: tuple[int, ...]) -> list[MethodPlan]:
+def family_plans(methods: tuple[str, ...], seeds: tuple[int, ...], lrs: dict[str, tuple[float, ...]]
+                 ) -> list[MethodPlan]:
     """Head2Toe, LST, DTL and DTL+ with their authors' optimisers (schedules cut to CPU budgets, as the offline
-    sweep examples/sweep-side-family.toml runs them), lr chosen on val200 among two."""
+    sweep examples/sweep-side-family.toml runs them), lr chosen on val200 among two unless ``lrs`` names others."""
     quiet = {"progress": False}
     dtl = TrainConfig(optimizer="adamw", batch_size=32, epochs=30, warmup_epochs=3, weight_decay=0.05, **quiet)
     recipes = {
@@ -73,7 +74,7 @@ def family_plans(methods: tuple[str, ...], seeds: tuple[int, ...]) -> list[Metho
         "dtl": (dtl, (1e-2, 1e-3)),
         "dtl_plus": (dtl, (1e-2, 1e-3)),
     }
-    return [MethodPlan(m, recipes[m][0], tuple({"lr": lr} for lr in recipes[m][1]), seeds=seeds)
+    return [MethodPlan(m, recipes[m][0], tuple({"lr": lr} for lr in lrs.get(m, recipes[m][1])), seeds=seeds)
             for m in methods if m in recipes]
 
 
@@ -93,6 +94,8 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(SIDE),
                    help=f"side-path methods to run, of {','.join(SIDE + FAMILY)} (none: only --stream-methods)")
     p.add_argument("--vqt-lrs", default="0.25,0.05", help="VQT's candidates (points of its paper's grid)")
+    p.add_argument("--lrs", default="", metavar="METHOD=LR/LR,...",
+                   help="the learning rates Head2Toe, LST, DTL or DTL+ choose among, e.g. dtl=0.01,lst=0.003/0.001")
     p.add_argument("--synqt-natural", default="defaults,svhn",
                    help="SynQT's candidates on tasks without a preset: defaults and/or svhn (SVHN's preset)")
     p.add_argument("--cache-dtype", default="fp32", choices=("fp32", "fp16"), help="the per-task TapCaches' dtype")
@@ -126,7 +129,7 @@ def main() -> None:
     if unknown:
         p.error(f"--methods: {', '.join(unknown)} (choose from {', '.join(SIDE + FAMILY)})")
     plans_by_task = {t: side_plans(t, seeds, variants, side, vqt_lrs, tuple(args.synqt_natural.split(",")))
-                     + family_plans(side, seeds) for t in tasks}
+                     + family_plans(side, seeds, _lrs(args.lrs)) for t in tasks}
     stream = [m for m in args.stream_methods.split(",") if m]
     for t in args.stream_tasks.split(","):
         if stream and t in plans_by_task:
@@ -162,6 +165,12 @@ def chosen_table(rows: list) -> str:
         lines.append(f"| {r.task} | {r.method} | {json.dumps(hp, sort_keys=True)} | "
                      f"{'-' if val is None else f'{100 * val:.1f}'} | {100 * r.accuracy:.1f} |")
     return "\n".join(lines)
+
+
+def _lrs(text: str) -> dict[str, tuple[float, ...]]:
+    """``METHOD=LR/LR,...`` -> {method: (lr, ...)}."""
+    pairs = [kv.split("=", 1) for kv in text.split(",") if kv]
+    return {m.strip(): tuple(float(x) for x in lrs.split("/")) for m, lrs in pairs}
 
 
 def _variant(text: str) -> tuple[str, dict]:

@@ -29,7 +29,7 @@ from ...errors import ConfigError
 from ..base import Method, MethodConfig, positive
 from ..layers import timm_head
 from ..registry import register
-from ..stream.core import check_pool, pool_tokens
+from ..stream.core import check_cls_pool, check_pool, pool_tokens
 
 
 @dataclass
@@ -82,8 +82,7 @@ class DTL(Method):
         self.grid = tuple(backbone.model.patch_embed.grid_size)
         self.fuse = (nn.Conv2d(dim, dim, config.kernel, padding="same", groups=dim, bias=False)
                      if config.kernel else None)
-        if config.pool == "cls" and getattr(backbone.model, "cls_token", None) is None:
-            raise ConfigError(f"{self.name}: pool=cls, but the backbone has no class token (use auto or mean)")
+        check_cls_pool(config.pool, backbone, self.name)
         self.head = timm_head(backbone.pooled_dim, num_classes)
 
     def blocks_read(self, backbone: Backbone) -> tuple[int, ...]:

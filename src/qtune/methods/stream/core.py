@@ -87,6 +87,12 @@ def check_pool(mode: str) -> None:
         raise ConfigError(f"pool must be one of {', '.join(POOLS)} (got {mode!r})")
 
 
+def check_cls_pool(mode: str, backbone: Backbone, method: str) -> None:
+    """``pool = cls`` needs a class token."""
+    if mode == "cls" and getattr(backbone.model, "cls_token", None) is None:
+        raise ConfigError(f"{method}: pool=cls, but the backbone has no class token (use auto or mean)")
+
+
 class StreamMethod(Method):
     """Base of the stream methods: embed, frozen prefix (no autograd), trainable blocks, pool, head.
 

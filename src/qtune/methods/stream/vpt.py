@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from ...backbones import Backbone
-from ...errors import ConfigError
 from ..registry import register
 from ..base import positive, probability
 from ..layers import vpt_head, vpt_uniform_bound
-from .core import StreamConfig, StreamMethod, check_pool, pool_tokens
+from .core import StreamConfig, StreamMethod, check_cls_pool, check_pool, pool_tokens
 
 
 @dataclass
@@ -57,8 +56,7 @@ class PromptMethod(StreamMethod):
         self.prompts = nn.Parameter(torch.empty(sets, config.tokens, backbone.dim).uniform_(-bound, bound))
         self.prompt_drop = nn.Dropout(config.dropout)
         self.prefix = backbone.model.num_prefix_tokens
-        if config.pool == "cls" and getattr(backbone.model, "cls_token", None) is None:
-            raise ConfigError(f"{self.name}: pool=cls, but the backbone has no class token (use auto or mean)")
+        check_cls_pool(config.pool, backbone, self.name)
 
     def make_head(self, dim: int, num_classes: int) -> nn.Module:
         return vpt_head(dim, num_classes)
