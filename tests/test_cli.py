@@ -301,10 +301,13 @@ def test_methods_lists_each_methods_options(capsys):
 
 def test_methods_counts_are_the_models(capsys):
     assert main(["methods", *BACKBONE, "--num-classes", "10"]) == 0
-    rows = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()[2:]}
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    rows = {cols[0]: cols[2] for cols in lines}
     dim = TINY["embed_dim"]
     assert rows["linear"] == f"{dim * 10 + 10:,}"  # the head alone
     assert rows["vqt"] == f"{TINY['depth'] * dim + (dim * (TINY['depth'] + 1)) * 10 + 10:,}"  # a query per block
+    kinds = {cols[0]: cols[1] for cols in lines}
+    assert (kinds["synqt"], kinds["dtl"], kinds["lora"]) == ("side", "hybrid", "stream")  # DTL's top blocks run live
 
 
 KILL_AT_EPOCH = """
