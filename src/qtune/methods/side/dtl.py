@@ -36,8 +36,8 @@ from ..stream.core import check_cls_pool, check_pool, pool_tokens
 class DTLConfig(MethodConfig):
     rank: int = field(default=2, metadata={"help": "rank r of each block's low-rank map (the authors' d')"})
     add_from: int | None = field(default=None, metadata={
-        "help": "M: the first block whose output gets the side information; blocks above it run live "
-                "(default: depth // 2, the authors' 6 on a 12-block ViT)"})
+        "help": "0-based index of the first block whose output gets the side information; the blocks above it run "
+                "live (default: depth // 2, the authors' 7th of 12 blocks)"})
     beta: float = field(default=100.0, metadata={"help": "beta of the activation z * sigmoid(beta z)"})
     kernel: int = field(default=0, metadata={"help": "DTL+'s shared depthwise convolution size (0: none, DTL)"})
     pool: str = field(default="mean", metadata={
@@ -114,7 +114,7 @@ class DTL(Method):
         first, outputs = (taps.points[p] for p in self.frozen)
         m = self.add_from
         r = self.side(0, first[0])
-        for i in range(1, m + 1):  # inputs of blocks 1..M: the unmodified stream, from the trace or the cache
+        for i in range(1, m + 1):  # the other inputs up to block M: the unchanged stream, from the trace or cache
             r = r + self.side(i, outputs[i - 1])
         x = outputs[m] + self.feedback(r)
         for i in self.live_blocks(backbone):  # the modified stream: live, with backward through frozen blocks
