@@ -132,6 +132,26 @@ def test_rerun_repeats_nothing_and_changed_spec_adds_trials(task, tmp_path):
     assert store.latest_sweep() == h2
 
 
+def test_a_spec_listing_the_grid_in_another_order_reuses_trials_and_chooses_the_same(task, tmp_path):
+    """Trials are shared across specs by key; their stored candidate index is the first spec's. The second spec's
+    choice and CV accuracy must come from its own candidates, not from those indices."""
+    from qtune.report.sweep import sweep_rows
+
+    out = tmp_path / "run"
+    spec = write_spec(tmp_path / "a.toml", task, methods="[methods.linear]\ngrid = { lr = [0.1, 0.001] }\n",
+                      selection="val", seeds="[0]")
+    h1 = run_sweep(spec, out, jobs=1, progress=False)
+    write_spec(spec, task, methods="[methods.linear]\ngrid = { lr = [0.001, 0.1] }\n", selection="val", seeds="[0]")
+    h2 = run_sweep(spec, out, jobs=1, progress=False)
+    store = Store(out / "store.sqlite")
+    assert {t.key for t in store.trials(h2)} == {t.key for t in store.trials(h1)}  # nothing retrained
+    (first,), _ = sweep_rows(store, h1)
+    (second,), _ = sweep_rows(store, h2)
+    assert second.hparams["chosen"] == first.hparams["chosen"]
+    assert second.hparams["selection_accuracy"] == first.hparams["selection_accuracy"]
+    assert second.accuracy == first.accuracy
+
+
 def test_sigkilled_sweep_resumes_to_the_same_table(task, tmp_path):
     spec = write_spec(tmp_path / "s.toml", task)
     whole = tmp_path / "whole"

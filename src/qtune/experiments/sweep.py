@@ -17,7 +17,7 @@ import os
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from statistics import mean
 from typing import Any, Iterator
@@ -306,7 +306,9 @@ def run_sweep(spec_path: str | Path, out: str | Path, executor: str = "local", j
     run(units, "selection")
 
     chosen: dict[tuple[str, str], Candidate] = {}
-    selection = [store.get(t.key) for t in selection]
+    # a trial is shared by every spec that runs it; its candidate index is this spec's, not the one stored by the
+    # spec that ran it first (whose grid may list the candidates in another order)
+    selection = [replace(store.get(t.key), candidate=t.candidate) for t in selection]
     for (task, method), cands in plan.candidates.items():
         pick = choose([t for t in selection if t.task == task and t.method == method], cands)
         if pick is None:

@@ -23,11 +23,21 @@ def _task_order(tasks: list[str], group_of: dict[str, str]) -> list[str]:
     return sorted(dict.fromkeys(tasks), key=rank)
 
 
+def _flat(t: Trial) -> dict:
+    return {**t.config["train"], **{f"options.{k}": v for k, v in t.config["options"].items()}}
+
+
 def _varied(trials: list[Trial]) -> list[str]:
     """The hyper-parameters that differ among a method's candidates on a task (what the choice is about)."""
-    flat = [{**t.config["train"], **{f"options.{k}": v for k, v in t.config["options"].items()}} for t in trials]
+    flat = [_flat(t) for t in trials]
     keys = sorted({k for f in flat for k in f})
     return [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1 and k not in ("seed", "shuffle_seed")]
+
+
+def _setting(t: Trial, keys: list[str]) -> dict:
+    """A trial's values of the hyper-parameters the choice is about."""
+    flat = _flat(t)
+    return {k: flat.get(k) for k in keys}
 
 
 def _method_order(spec_text: str) -> list[str]:
@@ -55,9 +65,9 @@ def sweep_rows(store: Store, spec_hash: str) -> tuple[list[ResultRow], list[dict
         folds = [t for t in mine if t.kind == "fold"]
         varied = _varied(folds) if folds else []
         chosen = finals[0]
-        setting = {k: ({**chosen.config["train"], **{f"options.{o}": v for o, v in chosen.config["options"].items()}}
-                       [k]) for k in varied}
-        cv = [t.metric for t in folds if t.candidate == chosen.candidate and t.state == "done"]
+        setting = _setting(chosen, varied)
+        # by setting, not by the stored candidate index: a trial shared with another spec keeps that spec's index
+        cv = [t.metric for t in folds if _setting(t, varied) == setting and t.state == "done"]
         accs = [t.metric for t in finals]
         hparams = {"chosen": setting, "selection_accuracy": mean(cv) if cv else None,
                    "seeds": [t.seed for t in finals], "seed_accuracies": accs, "std": pstdev(accs),
