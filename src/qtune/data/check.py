@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import DataError
-from .benchmarks import is_vtab_folder, read_fgvc, read_vtab
+from .benchmarks import VTAB_SPLITS, is_vtab_folder, read_fgvc, read_vtab, vtab_task
 from .datasets import Listing, _first, read_split
 
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -83,3 +83,67 @@ def check_dataset(path: str | Path) -> CheckReport:
     if unreadable:
         raise DataError(f"{len(unreadable)} unreadable image(s): {_first(unreadable)}")
     return report
+
+
+VTAB_SIZES = {"train800": 800, "val200": 200, "train800val200": 1000}
+
+
+def vtab_folders(path: Path) -> list[Path]:
+    """A VTAB-1k task folder, or every task folder inside a VTAB-1k root."""
+    if is_vtab_folder(path):
+        return [path]
+    found = sorted(p for p in path.iterdir() if is_vtab_folder(p)) if path.is_dir() else []
+    if not found:
+        raise DataError(f"{path}: neither a VTAB-1k task folder nor a folder of them (no train800.txt/.json)")
+    return found
+
+
+def vtab_problems(task_dir: Path, splits: dict[str, Listing]) -> list[str]:
+    """What makes a task folder differ from VTAB-1k: list sizes, the class count, the test size, overlaps."""
+    from .prepare.vtab import VTAB_TEST_SIZES
+
+    task = vtab_task(task_dir.name)
+    if task is None:
+        return [f"{task_dir.name!r} is not a VTAB-1k task name (the folder's name says which task it is)"]
+    problems = [f"{name} has {len(splits[name].samples)} images, VTAB-1k has {n}"
+                for name, n in VTAB_SIZES.items() if len(splits[name].samples) != n]
+    if len(splits["test"].samples) != VTAB_TEST_SIZES[task.name]:
+        problems.append(f"test has {len(splits['test'].samples)} images, {task.name}'s test split has "
+                        f"{VTAB_TEST_SIZES[task.name]}")
+    files = {name: [(listing.root / rel).resolve() for rel, _ in listing.samples] for name, listing in splits.items()}
+    if Counter(files["train800val200"]) != Counter(files["train800"] + files["val200"]):
+        problems.append("train800val200 is not train800 + val200")
+    for a, b in (("train800", "val200"), ("train800", "test"), ("val200", "test")):
+        shared = set(files[a]) & set(files[b])
+        if shared:
+            problems.append(f"{len(shared)} image(s) in both {a} and {b}, e.g. {sorted(shared)[0]}")
+    for name in VTAB_SPLITS:
+        dupes = [f for f, n in Counter(files[name]).items() if n > 1]
+        if dupes:
+            problems.append(f"{len(dupes)} image(s) listed twice in {name}, e.g. {dupes[0]}")
+    return problems
+
+
+def check_vtab(path: str | Path) -> list[str]:
+    """Validate VTAB-1k task folders from any source (NOAH's archive, the SynQT release, `qtune data vtab`): the
+    registry's class count, the 800/200/1000 sizes, the full test size, disjoint splits, every image decodable.
+    Returns one line per task; raises DataError naming every task that fails and why."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: data path not found")
+    lines, failures = [], []
+    for task_dir in vtab_folders(path):
+        try:
+            report = check_dataset(task_dir)
+            problems = vtab_problems(task_dir, read_vtab(task_dir))
+        except DataError as e:
+            problems = [str(e)]
+        if problems:
+            failures.append(f"{task_dir.name}: {'; '.join(problems)}")
+            lines.append(f"{task_dir.name}: FAILED: {'; '.join(problems)}")
+        else:
+            lines.append(f"{task_dir.name}: ok, {report.num_classes} classes, " +
+                         ", ".join(f"{n} {k}" for k, n in report.splits.items()))
+    if failures:
+        raise DataError(f"{len(failures)} of {len(lines)} VTAB-1k task folder(s) fail: " + " | ".join(failures))
+    return lines
