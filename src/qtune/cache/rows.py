@@ -146,16 +146,19 @@ def rows_difference(cached: DatasetRows, now: DatasetRows) -> str | None:
 
 
 def read_listings(paths: Sequence[str | Path], root: Path | None = None) -> list[Listing]:
-    """Listings of the given list files / image folders. Image folders after the first folder use its class order
-    (as a training split's classes are used for val/test); list files carry their own integer labels."""
+    """Listings of the given list files / image folders. Image folders after the first folder use its class order,
+    list files after the first list file its class count (as a training split's classes are used for val/test: a
+    test list need not use every class)."""
     listings: list[Listing] = []
-    classes = None
+    classes, count = None, None
     for p in paths:
         p = Path(p)
         is_folder = p.is_dir()
-        lst = read_split(p, classes=classes if is_folder else None, root=None if is_folder else root)
-        if is_folder and classes is None:
-            classes = lst.classes
+        lst = read_split(p, classes=classes, root=root) if is_folder else read_split(p, num_classes=count, root=root)
+        if is_folder:
+            classes = classes or lst.classes
+        else:
+            count = count or len(lst.classes)
         listings.append(lst)
     return listings
 
@@ -163,12 +166,13 @@ def read_listings(paths: Sequence[str | Path], root: Path | None = None) -> list
 def reread_sources(rows: DatasetRows) -> list[Listing]:
     """The listings a cache was built from, read again from their recorded paths (to detect a changed dataset)."""
     listings: list[Listing] = []
-    classes = None
+    classes, count = None, None
     for s in rows.sources:
         if s["folder"]:
             lst = read_split(s["path"], classes=classes)
             classes = classes or lst.classes
         else:
-            lst = read_split(s["path"], root=Path(s["root"]))
+            lst = read_split(s["path"], num_classes=count, root=Path(s["root"]))
+            count = count or len(lst.classes)
         listings.append(lst)
     return listings

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -59,20 +60,33 @@ def read_image_folder(path: Path, classes: Sequence[str] | None = None) -> Listi
     if unknown:
         raise DataError(f"{path}: class folder(s) not among the training classes: {_first(unknown)}")
     index = {c: i for i, c in enumerate(classes)}
-    samples = tuple(
-        (f.relative_to(path).as_posix(), index[c])
-        for c in found
-        for f in sorted((path / c).rglob("*"))
-        if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
-    )
-    if not samples:
+    per_class = {c: [f for f in sorted((path / c).rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+                 for c in found}
+    if not any(per_class.values()):
         raise DataError(f"{path}: no images found (expected one sub-folder of images per class)")
+    # An empty class folder would silently become a class without samples (or, in training, a head that never
+    # learns it): almost always a copy that went wrong, or images of a kind not read.
+    empty = [c for c, files in per_class.items() if not files]
+    if empty:
+        raise DataError(f"{path}: {len(empty)} class folder(s) without images ({', '.join(IMAGE_SUFFIXES)}): "
+                        f"{_first(empty)}")
+    samples = tuple((f.relative_to(path).as_posix(), index[c]) for c in found for f in per_class[c])
     return Listing(path, samples, tuple(classes), path)
+
+
+def _read_text(path: Path) -> str:
+    """A list file's text: UTF-8, a leading byte-order mark dropped (it would be read as part of the first path)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the list as UTF-8") from None
 
 
 def _parse_list(path: Path) -> list[tuple[str, str, int]]:
     """(relative path, raw label, line number) triples from a .txt / .json / .csv list."""
-    text = path.read_text()
+    text = _read_text(path)
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -108,12 +122,15 @@ def _parse_list(path: Path) -> list[tuple[str, str, int]]:
 def read_list_file(path: Path, root: Path | None = None, num_classes: int | None = None) -> Listing:
     """A list of ``relative/path label`` lines (.txt), ``{"path": label}`` (.json) or ``path,label`` rows (.csv).
 
-    Paths are relative to ``root``, by default the list file's folder (the VTAB-1k layout).
+    Paths are relative to ``root``, by default the list file's folder (the VTAB-1k layout). Without
+    ``num_classes`` the labels must be exactly 0..K-1, each used: the class count is not guessed from the largest
+    label, where one typo would make a head of 1,000 classes. An image listed twice with two labels is an error.
     """
     if not path.is_file():
         raise DataError(f"{path}: list file not found")
     root = root or path.parent
-    samples, offenders = [], []
+    samples, lines, offenders = [], [], []
+    first_seen: dict[str, tuple[int, int]] = {}  # normalised path -> (label, line)
     for rel, raw, line in _parse_list(path):
         try:
             label = int(raw)
@@ -121,14 +138,26 @@ def read_list_file(path: Path, root: Path | None = None, num_classes: int | None
             raise DataError(f"{path}:{line}: label {raw!r} is not an integer") from None
         if label < 0 or (num_classes is not None and label >= num_classes):
             offenders.append(f"{path}:{line}: label {label}")
+        before = first_seen.setdefault(posixpath.normpath(rel), (label, line))
+        if before[0] != label:
+            raise DataError(f"{path}:{line}: {rel} has label {label}, but label {before[0]} on line {before[1]}")
         samples.append((rel, label))
+        lines.append(line)
     if offenders:
         bound = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
         raise DataError(f"{len(offenders)} label(s) out of range ({bound}): {_first(offenders)}")
     if not samples:
         raise DataError(f"{path}: empty list, no samples")
-    n = num_classes if num_classes is not None else max(y for _, y in samples) + 1
-    return Listing(root, tuple(samples), tuple(str(i) for i in range(n)), path)
+    if num_classes is None:
+        used = {y for _, y in samples}
+        gap = min(set(range(len(used) + 1)) - used)  # the smallest label no sample has
+        if gap < max(used):
+            above = [(ln, y) for ln, (_, y) in zip(lines, samples) if y > gap]
+            raise DataError(f"{path}:{above[0][0]}: label {above[0][1]}, but no sample has label {gap} "
+                            f"({len(above)} sample(s) above it): labels must be 0..K-1 with every class used; "
+                            f"give the class count (--num-classes) if some classes have no sample")
+        num_classes = max(used) + 1
+    return Listing(root, tuple(samples), tuple(str(i) for i in range(num_classes)), path)
 
 
 def read_split(path: str | Path, classes: Sequence[str] | None = None, num_classes: int | None = None,
