@@ -184,6 +184,63 @@ def test_bad_input_is_one_line_naming_the_culprit(argv, culprit, shapes, linear_
         assert not (tmp_path / "run").exists()  # a failed run leaves no folder behind
 
 
+def _labelled(shapes, labels, per_class=2):
+    """``path label`` lines of the shapes training images, ``per_class`` of each folder, labelled by ``labels``."""
+    folders = sorted(d for d in (shapes / "train").iterdir() if d.is_dir())
+    return "".join(f"{f} {y}\n" for d, y in zip(folders, labels) for f in sorted(d.glob("*.png"))[:per_class])
+
+
+def _empty_class(shapes, tmp_path):
+    import shutil
+
+    shutil.copytree(shapes / "train", tmp_path / "data")
+    (tmp_path / "data" / "4_star").mkdir()
+    return tmp_path / "data"
+
+
+SILENT_WRONG = {  # name: (what --train is made from, extra flags, what the one line must name)
+    "label typo": (lambda s: _labelled(s, [0, 1, 2, 999]), [], "train.txt:7: label 999, but no sample has label 3"),
+    "label gap": (lambda s: _labelled(s, [0, 1, 3, 4]), [], "train.txt:5: label 3, but no sample has label 2"),
+    "one image, two labels": (lambda s: _labelled(s, [0, 1, 2, 3]) + _labelled(s, [1, 1, 2, 3], 1), [],
+                              "has label 1, but label 0 on line 1"),
+    "empty class folder": (_empty_class, [], "4_star"),
+    "lr nan": (None, ["--lr", "nan"], "lr: expected a finite number, got nan"),
+    "lr inf": (None, ["--lr", "inf"], "lr: expected a finite number, got inf"),
+    "diverging loss": (None, ["--lr", "1e37", "--batch-size", "8"], "training diverged: the loss is"),
+}
+
+
+@pytest.mark.parametrize("name", SILENT_WRONG)
+def test_no_silent_wrong_result(name, shapes, tmp_path, capsys):
+    make, extra, culprit = SILENT_WRONG[name]
+    argv = _train(shapes, tmp_path, *extra, method="linear")
+    if make is not None:
+        made = make(shapes) if make.__code__.co_argcount == 1 else make(shapes, tmp_path)
+        if isinstance(made, str):
+            (tmp_path / "train.txt").write_text(made)
+            made = tmp_path / "train.txt"
+        argv[argv.index("--train") + 1] = str(made)
+    err = _error(capsys, argv)
+    assert culprit in err
+    assert not {p.name for p in tmp_path.iterdir()} & {"run", ".run.partial", ".run.lock"}  # nothing left behind
+
+
+def test_a_method_trains_with_its_own_recipe(shapes, tmp_path, capsys):
+    from qtune.methods.presets import VQT_RECIPE
+
+    assert main(_train(shapes, tmp_path / "vqt", "-O", "tokens=1", method="vqt")) == 0
+    cfg = json.loads((tmp_path / "vqt" / "run" / "config.json").read_text())
+    assert cfg["recipe"].startswith("vqt's own")
+    assert {k: cfg["train"][k] for k in ("optimizer", "lr", "weight_decay", "min_lr")} == \
+        {k: VQT_RECIPE[k] for k in ("optimizer", "lr", "weight_decay", "min_lr")}
+    assert cfg["train"]["batch_size"] == 32 and cfg["train"]["epochs"] == 2  # flags given win
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("qtune: recipe: vqt's own")]
+    assert line and "optimizer adam, lr 0.125" in line[0] and "given here: batch_size, epochs" in line[0]
+    assert main(_train(shapes, tmp_path / "lin", "--lr", "0.5", method="linear")) == 0
+    train = json.loads((tmp_path / "lin" / "run" / "config.json").read_text())["train"]
+    assert (train["optimizer"], train["lr"], train["weight_decay"]) == ("adamw", 0.5, 0.0)
+
+
 def test_lora_option_false_is_false():
     from qtune.methods import create_method
     from tests.conftest import tiny_backbone
@@ -340,14 +397,14 @@ def test_killed_run_resumes_to_the_same_weights(shapes, tmp_path):
     kill_at = random.Random().randint(1, 3)
     proc = subprocess.run([sys.executable, "-c", KILL_AT_EPOCH, str(kill_at), *argv], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr  # killed, mid-run
-    assert not (tmp_path / "run").exists() and (tmp_path / ".run.partial" / "train_state.pt").is_file()
+    assert not (tmp_path / "run").exists() and (tmp_path / ".run.partial" / "train_state.safetensors").is_file()
     assert main([*argv, "--resume"]) == 0
     a = load_file(tmp_path / "whole" / "checkpoint" / "adapter.safetensors")
     b = load_file(tmp_path / "run" / "checkpoint" / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"killed after epoch {kill_at}"
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]
-    assert not (tmp_path / ".run.partial").exists() and not (tmp_path / "run" / "train_state.pt").exists()
+    assert not (tmp_path / ".run.partial").exists() and not (tmp_path / "run" / "train_state.safetensors").exists()
 
 
 def test_config_reruns_a_recorded_run(linear_run, tmp_path, capsys):

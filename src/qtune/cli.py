@@ -66,27 +66,38 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _method_and_config(args: argparse.Namespace):
-    """The method, its options and the TrainConfig of a train command: explicit flags, then --preset, then defaults."""
+    """The method, its options, the TrainConfig of a train command and the recipe it starts from: explicit flags,
+    then --preset, then the method's own recipe, then the defaults."""
     from .engine.config import TrainConfig
-    from .methods.presets import get_preset
+    from .methods import get_method
+    from .methods.presets import get_preset, method_recipe
 
     options: dict[str, Any] = option_pairs(args.method_opt, "--method-opt")  # typed by the method's config
-    train: dict[str, Any] = {}
     method = args.method
     if args.preset:
         preset = get_preset(args.preset)
         if method and method.lower() != preset.method:
             raise ConfigError(f"--method {method} conflicts with --preset {args.preset} (a {preset.method} preset)")
-        method, options, train = preset.method, {**preset.options, **options}, dict(preset.train)
-    if not method:
+        method, options = preset.method, {**preset.options, **options}
+        recipe, train = f"{preset.name} preset", dict(preset.train)
+    elif method:
+        method = get_method(method).name  # an unknown name fails here, before its recipe is looked up
+        source, train = method_recipe(method)
+        recipe = f"{method}'s own ({source})"
+    else:
         raise ConfigError("give --method or --preset")
-    train.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None})
-    return method, options, TrainConfig(**train)
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    config = TrainConfig(**{**train, **given})
+    shown = ", ".join(f"{k} {getattr(config, k)}" for k in ("optimizer", "lr", "weight_decay", "batch_size", "epochs",
+                                                            "warmup_epochs"))
+    overridden = sorted(set(given) & {f.name for f in fields(TrainConfig)} - {"progress"})
+    print(f"qtune: recipe: {recipe}: {shown}" + (f" (given here: {', '.join(overridden)})" if overridden else ""))
+    return method, options, config, recipe
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .engine.config import TrainConfig
-    from .engine.job import DataSpec, JobSpec, train_job
+    from .engine.job import STATE, DataSpec, JobSpec, partial_dir, train_job
 
     if args.config:  # a recorded run again; training flags given here override it
         given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
@@ -94,10 +105,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         if not args.train or not args.out:
             raise ConfigError("--train and --out are needed (or --config RUN/config.json to run a recorded run again)")
-        method, options, train_cfg = _method_and_config(args)
+        method, options, train_cfg, recipe = _method_and_config(args)
         spec = JobSpec(_backbone_spec(args), DataSpec(args.train, args.val, args.test, args.num_classes, args.data_root),
-                       method, options, train_cfg, args.out, cache=args.cache, stream_blocks=args.stream_blocks)
-    result = train_job(spec, overwrite=args.overwrite, resume=args.resume, tensorboard=args.tensorboard)
+                       method, options, train_cfg, args.out, cache=args.cache, stream_blocks=args.stream_blocks,
+                       recipe=recipe)
+    try:
+        result = train_job(spec, overwrite=args.overwrite, resume=args.resume, tensorboard=args.tensorboard)
+    except KeyboardInterrupt:
+        if (partial_dir(Path(spec.out_dir)) / STATE).is_file():
+            print(f"qtune: training interrupted; the same command with --resume continues it from its last finished "
+                  f"epoch (in {partial_dir(Path(spec.out_dir))})", file=sys.stderr)
+        raise
     acc = " ".join(f"{k}={result[k]:.4f}" for k in ("val_accuracy", "test_accuracy") if k in result)
     print(f"{spec.method}: {result['trainable_parameters']:,} trainable parameters, "
           f"{result['train_seconds']:.1f} s, {acc or 'no evaluation split'}; run written to {spec.out_dir}")
@@ -330,17 +348,22 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    from .errors import TrialsFailedError
     from .experiments.sweep import run_sweep
-    from .report.sweep import write_report
-
     from .memory.units import parse_bytes
+    from .report.sweep import write_report
 
     try:
         budget = parse_bytes(args.memory_budget) if args.memory_budget else None
     except ConfigError as e:
         raise ConfigError(f"--memory-budget: {e}") from None
-    spec_hash = run_sweep(args.spec, Path(args.out), executor=args.executor, jobs=args.jobs, address=args.address,
-                          max_stack=args.max_stack, memory_budget=budget, progress=not args.quiet)
+    try:
+        spec_hash = run_sweep(args.spec, Path(args.out), executor=args.executor, jobs=args.jobs,
+                              address=args.address, max_stack=args.max_stack, memory_budget=budget,
+                              progress=not args.quiet)
+    except TrialsFailedError as e:  # the trials that did finish are still reported
+        write_report(Path(args.out), spec_hash=e.spec_hash)
+        raise
     write_report(Path(args.out), spec_hash=spec_hash)
 
 

@@ -21,6 +21,22 @@ class ConfigError(QtuneError):
     """An unknown method, option or out-of-range value."""
 
 
+class TrainingError(QtuneError):
+    """A run that cannot go on as configured: its loss stopped being finite (diverged)."""
+
+
+class TrialsFailedError(QtuneError):
+    """A sweep that ran to its end with failed trials (recorded in its store; a rerun retries them)."""
+
+    def __init__(self, message: str, spec_hash: str):
+        super().__init__(message)
+        self.spec_hash = spec_hash
+
+
+class FolderLockedError(QtuneError):
+    """An output folder that another live qtune process is writing."""
+
+
 class CacheError(QtuneError):
     """A TapCache folder that is not a cache, or cannot be built or read as asked."""
 

@@ -1,14 +1,18 @@
 """Atomic file writes: a temporary file in the same folder, fsync, then rename, so readers never see half a file."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+from .errors import FolderLockedError
 
 
 def _umask() -> int:
@@ -28,6 +32,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, _FILE_MODE)  # again: a writer that replaces the file (safetensors' save_file) makes it 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -68,3 +73,41 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of an output folder: a hidden sibling, so that it can be taken before the folder exists."""
+    return out.parent / f".{out.name}.lock"
+
+
+@contextlib.contextmanager
+def exclusive_folder(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output folder ``out`` for the block: a second process that asks for it gets
+    FolderLockedError naming the holder's pid. The lock is the kernel's (flock), so it ends with its process, however
+    that ends; the file holds the pid and is removed on release."""
+    path = lock_path(Path(out))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderLockedError(f"{out}: in use by another qtune process (pid {holder}); wait for it to end or "
+                                    "choose another --out") from None
+        # the holder before us may have removed the file between our open and our lock: lock the file that is there
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)

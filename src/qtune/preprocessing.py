@@ -1,6 +1,7 @@
 """Image preprocessing: input size, interpolation and mean/std, resolved from the weights' pretrained config."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -29,6 +30,10 @@ class Preprocessing:
             raise ConfigError(f"interpolation {self.interpolation!r}: choose one of {sorted(_INTERPOLATIONS)}")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
             raise ConfigError(f"mean/std must be three numbers each, std > 0 (got mean={self.mean}, std={self.std})")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ConfigError(f"mean/std must be finite (got mean={self.mean}, std={self.std})")
+        if len(self.input_size) != 2 or any(not isinstance(n, int) or n < 1 for n in self.input_size):
+            raise ConfigError(f"input size must be whole numbers >= 1 (got {self.input_size})")
 
     @classmethod
     def from_timm(cls, data_config: dict[str, Any]) -> "Preprocessing":

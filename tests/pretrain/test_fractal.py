@@ -90,7 +90,7 @@ def test_smoke_run_writes_backbone_and_card(tmp_path: Path) -> None:
     assert 0.0 <= card["eval"]["held_out_top1"] <= 1.0 and card["eval"]["num_images"] == 16
     assert card["data"]["num_classes"] == 4 and card["data"]["images_per_class"] == 16
     assert card["training"]["threads"] == 1 and card["training"]["wall_time_s"] >= 0
-    assert not (tmp_path / "vit.work" / "checkpoint.pt").exists()
+    assert not (tmp_path / "vit.work" / "checkpoint.safetensors").exists()
     assert pretrain(out, **TINY)["weights"]["sha256"] == card["weights"]["sha256"]  # complete: reused
     for changed in ({"lr": 0.5}, {"steps": 30}):
         with pytest.raises(ValueError, match="another recipe"):
@@ -104,7 +104,7 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path: Path) -> None:
         "complete": False,
         "step": 12,
         "total_steps": 20,
-        "checkpoint": str(tmp_path / "b.work" / "checkpoint.pt"),
+        "checkpoint": str(tmp_path / "b.work" / "checkpoint.safetensors"),
     }
     assert not (tmp_path / "b.safetensors").exists()
     with pytest.raises(ValueError, match="another recipe"):

@@ -1,7 +1,8 @@
 """The training schedule and device, without importing torch: the command line builds its flags from it."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
@@ -36,14 +37,30 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
+        for f in fields(self):  # types first: a sweep spec or a recorded config gives values, not parsed flags
+            value = getattr(self, f.name)
+            kind = str(f.type).removesuffix(" | None")
+            if value is None and str(f.type).endswith("| None"):
+                continue
+            ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+                  "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                  "bool": isinstance(value, bool), "str": isinstance(value, str)}[kind]
+            if not ok:
+                expected = {"int": "a whole number", "float": "a finite number", "bool": "true or false",
+                            "str": "a string"}[kind]
+                raise ConfigError(f"{f.name}: expected {expected}, got {value!r}")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("eval_every", 0), ("num_workers", 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}: expected a whole number >= {low}, got {getattr(self, name)!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer {self.optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ConfigError("lr must be > 0; weight_decay and warmup_epochs >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: expected a number > 0, got {self.lr!r}")
+        for name in ("weight_decay", "warmup_epochs", "min_lr", "momentum"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
 
     @property
     def order_seed(self) -> int:

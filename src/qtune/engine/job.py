@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,8 +16,8 @@ import torch
 
 from ..backbones import Backbone, demo_weights, load_backbone
 from ..data import ImageDataset, Listing, read_split
-from ..errors import ConfigError
-from ..io import append_jsonl, write_csv, write_json, write_text
+from ..errors import CheckpointError, ConfigError, TrainingError
+from ..io import append_jsonl, exclusive_folder, write_csv, write_json, write_text
 from ..methods import get_method
 from ..tuned import TunedModel
 from .checkpoint import save_adapter
@@ -72,6 +73,7 @@ class JobSpec:
     out_dir: str = "runs/run"
     cache: str | None = None  # a TapCache folder: splits it matches are read from it instead of traced live
     stream_blocks: bool = False  # with a cache: read one block's K/V at a time, checkpointed (flat memory in depth)
+    recipe: str | None = None  # where ``train`` started from (a method's own recipe, a preset), as recorded
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,14 +87,15 @@ class JobSpec:
             d = json.loads(Path(path).read_text())
             return cls(BackboneSpec(**d["backbone"]), DataSpec(**d["data"]), d["method"], d.get("method_config", {}),
                        TrainConfig(**{**d["train"], **(train_overrides or {})}), out_dir or d["out_dir"],
-                       cache=d.get("cache"), stream_blocks=d.get("stream_blocks", False))
+                       cache=d.get("cache"), stream_blocks=d.get("stream_blocks", False), recipe=d.get("recipe"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: not found") from None
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ConfigError(f"{path}: not a qtune run's config.json ({type(e).__name__}: {e})") from None
 
 
-STATE = "train_state.pt"  # in the partial folder only: what a resumed run continues from
+STATE = "train_state.safetensors"  # in the partial folder only: what a resumed run continues from
+PICKLED_STATE = "train_state.pt"  # what older versions wrote there: never unpickled (a crafted one runs code)
 
 
 def partial_dir(out: Path) -> Path:
@@ -116,9 +119,17 @@ def train_job(spec: JobSpec, overwrite: bool = False, resume: bool = False,
     out = Path(spec.out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: --out names a file; give a folder for the run")
+    with exclusive_folder(out):  # one process per run folder: two would write one partial folder
+        return _train_job(spec, out, overwrite, resume, tensorboard)
+
+
+def _train_job(spec: JobSpec, out: Path, overwrite: bool, resume: bool, tensorboard: bool) -> dict[str, Any]:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out}: a run (or other files) is already there (pass --overwrite to replace it)")
     work = partial_dir(out)
+    if resume and (work / PICKLED_STATE).is_file():
+        raise CheckpointError(f"{work / PICKLED_STATE}: a pickled training state (older qtune), not loaded since "
+                              "unpickling can run code; run without --resume to start again")
     if resume and not (work / STATE).is_file():
         raise ConfigError(f"{out}: no interrupted run to resume (nothing in {work})")
     if tensorboard:
@@ -157,10 +168,16 @@ def train_job(spec: JobSpec, overwrite: bool = False, resume: bool = False,
             raise ConfigError(f"{out}: the interrupted run had other settings ({', '.join(changed)}); "
                               f"run without --resume to start again")
     else:
+        if (work / STATE).is_file() or (work / PICKLED_STATE).is_file():
+            print(f"qtune: discarding the interrupted run in {work} (--resume would continue it)", file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)  # an interrupted run that is not resumed starts again
         work.mkdir(parents=True)
         write_json(work / "config.json", config)
-    result = _train_into(work, spec, model, splits, datasets, device, cache_used, tensorboard)
+    try:
+        result = _train_into(work, spec, model, splits, datasets, device, cache_used, tensorboard)
+    except TrainingError:
+        shutil.rmtree(work, ignore_errors=True)  # a diverged run cannot be resumed to anything better
+        raise
     (work / STATE).unlink()
     _swap_in(work, out)
     return result

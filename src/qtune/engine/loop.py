@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
-from ..io import atomic_write
+from ..errors import ConfigError, TrainingError
 from ..tuned import TunedModel
 from .config import TrainConfig
+from .state import load_state, save_state
 
 # config.OPTIMIZERS / PRECISIONS as timm's optimiser names and autocast dtypes (timm's "sgd" is Nesterov).
 _OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "sgd": "momentum"}
@@ -106,10 +106,6 @@ def evaluate(model: TunedModel, batches: Batches, cfg: TrainConfig, desc: str = 
             "loss": F.cross_entropy(logits, labels).item(), "n": len(labels)}
 
 
-def _save_state(path: Path, **state: Any) -> None:
-    atomic_write(path, lambda p: torch.save(state, p))
-
-
 def optimizer_and_schedule(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
                            ) -> tuple[torch.optim.Optimizer, CosineLRScheduler]:
     """``model``'s optimiser (decay exemptions as configured) and its per-step warmup + half-cosine schedule."""
@@ -143,8 +139,12 @@ def batch_indices(order: list[int], batch_size: int) -> list[list[int]]:
 
 def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None = None,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
-        state: Path | None = None, sample_weight: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        state: Path | None = None, sample_weight: torch.Tensor | None = None,
+        stop_on_nonfinite: bool = True) -> list[dict[str, Any]]:
     """Train ``model``'s trainable parameters; returns per-epoch records (also passed to ``on_epoch``).
+
+    A loss that is not finite stops the run with a TrainingError before the step that would spread it into the
+    weights (``stop_on_nonfinite=False``: go on, as a stack of selection candidates does, scoring it as it ends).
 
     With ``state``, everything the rest of the run depends on (trainable tensors, optimiser, schedule, RNG, history)
     is written there atomically after every epoch, and a run that finds the file continues after its last epoch:
@@ -165,7 +165,7 @@ def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None
     history: list[dict[str, Any]] = []
     step = first = 0
     if state is not None and state.is_file():
-        saved = torch.load(state, map_location=device, weights_only=False)
+        saved = load_state(state)
         model.load_state_dict(saved["trainable"], strict=False)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -184,6 +184,12 @@ def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None
             w = None if sample_weight is None else sample_weight[idx].to(device)
             with _autocast(device, cfg.precision):
                 loss = training_loss(train.forward(model, inputs), y, w)
+            value = loss.item()
+            if stop_on_nonfinite and not math.isfinite(value):
+                bar.close()
+                hint = "lower --lr" + (" or use --precision fp32" if cfg.precision != "fp32" else "")
+                raise TrainingError(f"training diverged: the loss is {value} at epoch {epoch + 1}, step {step + 1} "
+                                    f"(lr {cfg.lr:g}); {hint}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -191,10 +197,10 @@ def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None
             step += 1
             scheduler.step_update(step)
             n = len(y) if w is None else w.sum().item()
-            loss_sum += loss.item() * n
+            loss_sum += value * n
             seen += n
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
             del inputs  # let this batch (e.g. cached K/V) go before the next one is read
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1e-12),
                                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - start}
@@ -203,11 +209,11 @@ def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None
             bar.set_postfix(epoch=epoch + 1, loss=f"{record['train_loss']:.3f}", val=f"{record['val_accuracy']:.3f}")
         history.append(record)
         if state is not None:
-            _save_state(state, trainable={n: p.detach() for n, p in model.trainable_parameters().items()},
-                        optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=torch.get_rng_state(),
-                        cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                        history=history, step=step, epoch=epoch + 1)
+            save_state(state, dict(
+                trainable={n: p.detach() for n, p in model.trainable_parameters().items()},
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                history=history, step=step, epoch=epoch + 1))
         if on_epoch is not None:
             on_epoch(record)
     bar.close()

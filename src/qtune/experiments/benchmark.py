@@ -94,7 +94,7 @@ def _run_plan(plan: MethodPlan, task: str, backbone: Backbone, splits: dict, cac
         model = TunedModel.build(backbone, plan.method, info.num_classes, options, seed=cfg.seed)
         data = _batches(model, cache, {train: splits[train], evaluate_on: splits[evaluate_on]})
         t0 = time.perf_counter()
-        fit(model, data[train], cfg)
+        fit(model, data[train], cfg, stop_on_nonfinite=False)  # a diverged grid point is scored, as in sweeps
         seconds = time.perf_counter() - t0
         acc = evaluate(model, data[evaluate_on], cfg)["accuracy"]
         print(f"  {task:<14} {plan.name:<12} {train}->{evaluate_on} seed {cfg.seed}: {100 * acc:5.1f}%  "

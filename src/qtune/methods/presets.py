@@ -49,6 +49,33 @@ SYNQT_RECIPE: dict[str, Any] = {"optimizer": "adamw", "lr": 1e-3, "weight_decay"
                                 "epochs": 50, "warmup_epochs": 10, "min_lr": 1e-6}
 VQT_RECIPE: dict[str, Any] = {"optimizer": "adam", "lr": 0.125, "weight_decay": 1e-4, "batch_size": 128,
                               "epochs": 100, "warmup_epochs": 10, "min_lr": 0.0}
+# Each method's own training recipe, which `qtune train` starts from (flags override it): the papers' (or their
+# authors' code's) optimiser, batch, epochs and decay; where a paper searches the lr, a point of its grid. A method
+# not listed trains with TrainConfig's defaults, which are SynQT's recipe.
+RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "synqt": ("SynQT paper", SYNQT_RECIPE),
+    "vqt": ("VQT paper, lr 0.25 x 128/256 of its grid", VQT_RECIPE),
+    # VPT's linear-probe protocol (the demo's): lr 1e-2 of the demo's grid {1e-2, 1e-3}
+    "linear": ("linear probe (VPT's protocol)", {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.0,
+                                                 "batch_size": 64, "epochs": 50, "warmup_epochs": 10}),
+    # VPT: momentum SGD, 100 epochs with 10 of warmup, base lr 1.0 x 64/256 of its grid
+    **{m: ("VPT paper", {"optimizer": "sgd", "lr": 0.25, "weight_decay": 1e-4, "batch_size": 64, "epochs": 100,
+                         "warmup_epochs": 10}) for m in ("vpt_shallow", "vpt_deep")},
+    # Head2Toe's authors: Adam at batch 128, no decay
+    "head2toe": ("Head2Toe authors' code", {"optimizer": "adam", "lr": 1e-2, "weight_decay": 0.0, "batch_size": 128,
+                                            "epochs": 50, "warmup_epochs": 5}),
+    # DTL's authors: AdamW, batch 32, weight decay 0.05, 100 epochs
+    **{m: ("DTL authors' code", {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "batch_size": 32,
+                                 "epochs": 100, "warmup_epochs": 10}) for m in ("dtl", "dtl_plus")},
+}
+
+
+def method_recipe(method: str) -> tuple[str, dict[str, Any]]:
+    """(where it comes from, TrainConfig fields) of ``method``'s own recipe; ({}) where it has none of its own."""
+    source, train = RECIPES.get(method.lower(), ("qtune's default, SynQT's recipe", {}))
+    return source, dict(train)
+
+
 SYNQT_SEARCH: tuple[dict[str, Any], ...] = tuple(
     {"tokens": n, "attn_scale": a, "ffn_scale": f} for n, a, f in product((1, 4, 16), (0.1, 1.0), (0.1, 1.0)))
 VQT_GRID: tuple[dict[str, Any], ...] = tuple(

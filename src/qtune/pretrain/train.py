@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 import timm
 from timm.models.vision_transformer import VisionTransformer
 
+from qtune.engine.state import load_state, save_state
 from qtune.io import append_jsonl, atomic_write, file_sha256, write_text
 from qtune.pretrain import data as pretrain_data
 from qtune.pretrain.fractal import FractalDataset
@@ -130,7 +131,7 @@ def _paths(out_path: Path) -> dict[str, Path]:
         "out": out_path,
         "card": card,
         "work": work,
-        "ckpt": work / "checkpoint.pt",
+        "ckpt": work / "checkpoint.safetensors",  # no pickle: a crafted one would run code when resumed
         "data": work / "train_images.npy",
         "log": work / "log.jsonl",
     }
@@ -274,7 +275,7 @@ def pretrain(
     torch.set_num_threads(config.threads)
     t_start = time.time()
 
-    state = torch.load(paths["ckpt"], weights_only=False) if paths["ckpt"].is_file() else None
+    state = load_state(paths["ckpt"]) if paths["ckpt"].is_file() else None
     steps_differ = state is not None and config.steps is not None and state["total_steps"] != config.steps
     if state is not None and (state["recipe"] != config.recipe() or steps_differ):
         raise ValueError(f"checkpoint {paths['ckpt']} belongs to another recipe; delete {paths['work']} to restart")
@@ -308,7 +309,7 @@ def pretrain(
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
         }
-        atomic_write(paths["ckpt"], lambda p: torch.save(state, p))
+        save_state(paths["ckpt"], state)
         append_jsonl(paths["log"], {"event": "checkpoint", "step": step})
 
     segment_start = last_ckpt = last_log = time.time()
