@@ -191,7 +191,7 @@ def test_val_selection_holds_out_val200(task, tmp_path):
     assert len(folds) == 2 and {t.metrics["held_out"] for t in folds} == {8} and {t.fold for t in folds} == {-1}
 
 
-def test_failed_unit_is_recorded_and_the_sweep_goes_on(task, tmp_path, monkeypatch):
+def test_failed_unit_is_recorded_and_the_sweep_goes_on(task, tmp_path, monkeypatch, capsys):
     from qtune.experiments import sweep
 
     real = sweep._select_unit
@@ -202,12 +202,16 @@ def test_failed_unit_is_recorded_and_the_sweep_goes_on(task, tmp_path, monkeypat
         return real(unit)
 
     monkeypatch.setattr(sweep, "_select_unit", crash_vqt)
-    h = run_sweep(write_spec(tmp_path / "s.toml", task), tmp_path / "run", jobs=1, progress=False)
-    trials = Store(tmp_path / "run" / "store.sqlite").trials(h)
+    out = tmp_path / "run"
+    assert main(["sweep", str(write_spec(tmp_path / "s.toml", task)), "--out", str(out), "--jobs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()  # a sweep with failed trials is not a success
+    assert err.count("\n") == 0 and "6 of 16 trial(s) failed (first: shapes4 vqt: RuntimeError: worker crashed" in err
+    trials = Store(out / "store.sqlite").trials(Store(out / "store.sqlite").latest_sweep())
     failed = [t for t in trials if t.state == "failed"]
     assert failed and all(t.method == "vqt" and "worker crashed" in t.error for t in failed)
     assert all(t.state == "done" for t in trials if t.method == "linear")
     assert not [t for t in trials if t.method == "vqt" and t.kind == "final"]
+    assert "linear" in table(out)  # what did finish is reported
 
 
 @pytest.mark.parametrize("text, field", [
@@ -218,6 +222,10 @@ def test_failed_unit_is_recorded_and_the_sweep_goes_on(task, tmp_path, monkeypat
     ("[tasks]\noffline = ['digits']\n[protocol]\nfolds = 1\n[methods.linear]\n", "protocol.folds"),
     ("[tasks]\noffline = ['digits']\n[methods.vqt]\noptions = { tokens = 0 }\n", "methods.vqt"),
     ("[tasks\n", "not valid TOML"),
+    ("[tasks]\noffline = ['digits']\n[train]\nepochs = 2.5\n[methods.linear]\n", "epochs: expected a whole number"),
+    ("[tasks]\noffline = ['digits']\n[train]\nepochs = 'two'\n[methods.linear]\n", "epochs: expected a whole number"),
+    ("[tasks]\noffline = ['digits']\n[methods.linear]\ngrid = { lr = [0.1, nan] }\n", "lr: expected a finite"),
+    ("[tasks]\noffline = ['digits']\n[train]\ndevice = 'cuda:99'\n[methods.linear]\n", "device 'cuda:99'"),
 ])
 def test_bad_spec_is_one_line_naming_the_field(tmp_path, capsys, text, field):
     spec = tmp_path / "bad.toml"
@@ -225,6 +233,18 @@ def test_bad_spec_is_one_line_naming_the_field(tmp_path, capsys, text, field):
     assert main(["sweep", str(spec), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(spec) in err and field in err
+
+
+@pytest.mark.parametrize("flags, culprit", [(["--jobs", "0"], "--jobs must be >= 1"),
+                                            (["--out", "{file}"], "--out names a file")])
+def test_bad_sweep_flags_are_one_line(tmp_path, capsys, flags, culprit):
+    spec = tmp_path / "s.toml"
+    spec.write_text("[tasks]\noffline = ['digits']\n[methods.linear]\n")
+    (tmp_path / "file").write_text("x")
+    flags = [f.replace("{file}", str(tmp_path / "file")) for f in flags]
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and culprit in err and not (tmp_path / "run").exists()
 
 
 def test_report_without_a_store_is_an_error(tmp_path, capsys):

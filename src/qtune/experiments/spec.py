@@ -230,15 +230,22 @@ def load_spec(path: str | Path) -> SweepSpec:
                         where("overrides", task, mname))
     spec = SweepSpec(path, str(raw.get("name", path.stem)), backbone, tasks, train, selection, folds,
                      int(proto.get("seed", 0)), seeds, cache_dtype, methods, overrides, test_size)
+    devices: dict[str, str] = {}
     for task in tasks:  # every candidate's options and schedule are valid before anything runs
         for m in methods:
             for c in spec.candidates(task, m):
                 label = where("methods", m.name) + f" (task {task}, grid point {c.index})"
                 _check_train(c.train, label)
+                devices.setdefault(c.config().device, label)
                 try:
                     get_method(m.name).config_class.from_dict(c.options)
                 except ConfigError as e:
                     raise ConfigError(f"{label}: {e}") from None
+    for device, label in devices.items():  # each device asked for is probed once: there, or an error now
+        try:
+            TrainConfig(device=device).resolved_device()
+        except ConfigError as e:
+            raise ConfigError(f"{label}: {e}") from None
     return spec
 
 

@@ -25,7 +25,8 @@ from typing import Any, Iterator
 from ..backbones.points import Point
 from ..cache.manifest import backbone_key, digest
 from ..data.offline import make_offline_benchmark
-from ..errors import ConfigError
+from ..errors import ConfigError, TrialsFailedError
+from ..io import exclusive_folder
 from ..memory.units import format_bytes
 from ..methods import get_method
 from .spec import Candidate, SweepSpec, canonical, load_spec
@@ -252,11 +253,21 @@ def run_sweep(spec_path: str | Path, out: str | Path, executor: str = "local", j
         raise ConfigError(f"--executor {executor!r}: choose from {', '.join(EXECUTORS)}")
     if max_stack < 1:
         raise ConfigError(f"--max-stack must be >= 1 (got {max_stack})")
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1 (got {jobs})")
     from .benchmark import default_jobs
 
     jobs = jobs or default_jobs()
     spec = load_spec(spec_path)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: --out names a file; give a folder for the sweep")
+    with exclusive_folder(out):  # one driver per sweep folder: two would run (and test) the same trials twice
+        return _run_sweep(spec, out, executor, jobs, address, max_stack, memory_budget, threads, progress)
+
+
+def _run_sweep(spec: SweepSpec, out: Path, executor: str, jobs: int, address: str | None, max_stack: int,
+               memory_budget: int | None, threads: int, progress: bool) -> str:
     plan = Plan(spec, out)
     store = Store(store_path(out))
     say = print if progress else (lambda *a, **k: None)
@@ -330,10 +341,16 @@ def run_sweep(spec_path: str | Path, out: str | Path, executor: str = "local", j
         store.mark([i["key"] for i in u["items"]], "running")
     run(units, "final runs and test")
     store.finish(plan.hash)
-    failed = [t for t in store.trials(plan.hash) if t.state == "failed"]
+    trials = store.trials(plan.hash)
+    failed = [t for t in trials if t.state == "failed"]
     say(f"qtune sweep {spec.name}: finished in {time.perf_counter() - start:.0f} s; "
         f"{len(failed)} failed trial(s); store {store.path}")
     store.close()
+    if failed:
+        first = failed[0]
+        raise TrialsFailedError(f"sweep {spec.name}: {len(failed)} of {len(trials)} trial(s) failed (first: "
+                                f"{first.task} {first.method}: {first.error}); the same command retries them",
+                                plan.hash)
     return plan.hash
 
 
@@ -432,7 +449,8 @@ def _select_unit(unit: dict[str, Any]) -> dict[str, Any]:
         logits, labels = predict_many(models, batches, cfgs[0])
     else:
         [model], [cfg] = models, cfgs
-        fit(model, batches, cfg, sample_weight=weights[0], on_epoch=tick and (lambda r: tick(r["epoch"])))
+        fit(model, batches, cfg, sample_weight=weights[0], on_epoch=tick and (lambda r: tick(r["epoch"])),
+            stop_on_nonfinite=False)  # as fit_many: a diverged candidate is scored, not a failed trial
         one, labels = predict(model, batches, cfg)
         logits = one.unsqueeze(0)
     seconds = (time.perf_counter() - t0) / len(models)
