@@ -163,6 +163,13 @@ BAD_INPUTS = [  # (argv after the fixtures are substituted, what the one line mu
     (["memory", *BACKBONE, "--methods", "vqt", "-O", "vqt:tokens=abc", "--batch-size", "2"], "tokens"),
     (["data", "make-offline", "{tmp}/bench", "--tasks", "foo"], "foo"),
     (["demo", "--out", "{file}"], "names a file"),
+    (["train", "{base}", "--input-size", "0"], "input size must be whole numbers >= 1"),
+    (["train", "{base}", "--num-workers", "-1"], "num_workers: expected a whole number >= 0, got -1"),
+    (["train", "{base}", "--eval-every", "-1"], "eval_every: expected a whole number >= 0, got -1"),
+    (["train", "{base}", "--out", "{tmp}/x/.."], "x/.."),
+    (["predict", "--checkpoint", "{ckpt}", "--images", "{tmp}/nowhere", "--out", "{tmp}/p.csv"],
+     "nowhere: no such image file or folder"),
+    (["predict", "--checkpoint", "{ckpt}", "--images", "{file}", "--out", "{tmp}/p.csv"], "a_file: not an image file"),
 ]
 
 
@@ -239,6 +246,44 @@ def test_a_method_trains_with_its_own_recipe(shapes, tmp_path, capsys):
     assert main(_train(shapes, tmp_path / "lin", "--lr", "0.5", method="linear")) == 0
     train = json.loads((tmp_path / "lin" / "run" / "config.json").read_text())["train"]
     assert (train["optimizer"], train["lr"], train["weight_decay"]) == ("adamw", 0.5, 0.0)
+
+
+def test_predict_takes_files_and_skips_unreadable_images(linear_run, shapes, tmp_path, capsys):
+    import os
+    import shutil
+
+    ckpt = str(linear_run / "checkpoint")
+    first, second = sorted((shapes / "test").rglob("*.png"))[:2]
+    odd = tmp_path / os.fsdecode(b"caf\xe9.png")  # a file name that is not UTF-8
+    shutil.copy(first, odd)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    out = tmp_path / "p.csv"
+    argv = ["predict", "--checkpoint", ckpt, "--images", str(first), str(second), str(odd), str(tmp_path / "broken.png"),
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "3 predictions of 1 checkpoint(s) written" in captured.out and "1 unreadable image(s) skipped" in captured.out
+    assert captured.err.strip() == f"qtune: skipped {tmp_path / 'broken.png'}: cannot read image (UnidentifiedImageError)"
+    rows = out.read_text(encoding="utf-8").splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == [str(first), str(second), f"{tmp_path}/caf\\xe9.png"]
+    assert rows[1].split(",")[1:] == rows[3].split(",")[1:]  # the renamed copy, predicted alike
+    (tmp_path / "only").mkdir()
+    shutil.copy(tmp_path / "broken.png", tmp_path / "only" / "broken.png")
+    err = _error(capsys, ["predict", "--checkpoint", ckpt, "--images", str(tmp_path / "only"), "--out",
+                          str(tmp_path / "q.csv"), "--quiet"])
+    assert "none of the 1 image(s) could be read" in err and not (tmp_path / "q.csv").exists()
+
+
+def test_list_files_encodings(shapes, tmp_path, capsys):
+    from qtune.data import read_split
+
+    text = _labelled(shapes, [0, 1, 2, 3])
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert read_split(tmp_path / "bom.txt").samples[0][0] == text.split()[0]  # not "\ufeff/..."
+    (tmp_path / "latin.txt").write_bytes(text.encode() + "caf\u00e9.png 0\n".encode("latin-1"))
+    argv = _train(shapes, tmp_path, method="linear")
+    argv[argv.index("--train") + 1] = str(tmp_path / "latin.txt")
+    assert "latin.txt:9: not UTF-8 text (byte 0xe9)" in _error(capsys, argv)
 
 
 def test_lora_option_false_is_false():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .errors import ConfigError, QtuneError
+from .errors import ConfigError, DataError, QtuneError
 from .options import option_pairs
 
 
@@ -140,8 +140,30 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"accuracy {metrics['accuracy']:.4f} on {metrics['n']} images ({args.data})")
 
 
+def _images_to_predict(paths: Sequence[str]) -> list[tuple[str, Path]]:
+    """(name in the output, file) of every image under the given folders and of the given image files. A lone
+    folder's images are named relative to it."""
+    from .data import IMAGE_SUFFIXES
+
+    out: list[tuple[str, Path]] = []
+    for given in map(Path, paths):
+        if given.is_dir():
+            found = sorted(f for f in given.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ConfigError(f"{given}: no images found")
+            out += [(f.relative_to(given).as_posix() if len(paths) == 1 else f.as_posix(), f) for f in found]
+        elif given.is_file():
+            if given.suffix.lower() not in IMAGE_SUFFIXES:
+                raise ConfigError(f"{given}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
+            out.append((given.as_posix(), given))
+        else:
+            raise ConfigError(f"{given}: no such image file or folder")
+    return out
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
-    from .data import IMAGE_SUFFIXES, ImageDataset, Listing
+    from .data import ImageDataset, Listing
+    from .data.datasets import UNREADABLE, _first
     from .engine.checkpoint import load_checkpoints
     from .engine.heads import predict_heads
     from .engine.loop import ImageBatches, TrainConfig
@@ -154,20 +176,18 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise ConfigError(f"{out}: exists (pass --overwrite to replace it)")
     if args.top_k < 1:
         raise ConfigError(f"--top-k: expected a whole number >= 1, got {args.top_k}")
+    images = _images_to_predict(args.images)
     backbone, loaded = load_checkpoints(args.checkpoint, args.weights)
-    folder = Path(args.images)
-    if not folder.is_dir():
-        raise ConfigError(f"{folder}: image folder not found")
-    files = sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*")
-                   if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ConfigError(f"{folder}: no images found")
-    listing = Listing(folder, tuple((f, 0) for f in files), (), folder)
+    listing = Listing(Path("."), tuple((str(f), 0) for _, f in images), (), Path("."))
     run = TrainConfig(batch_size=args.batch_size, device=args.device, precision=args.precision,
                       progress=not args.quiet)
+    dataset = ImageDataset(listing, backbone.preprocessing.transform(), skip_unreadable=True)
     # One trace of each batch feeds every checkpoint's head.
-    all_logits, _ = predict_heads(backbone, [m for m, _ in loaded],
-                                  ImageBatches(ImageDataset(listing, backbone.preprocessing.transform())), run)
+    all_logits, labels = predict_heads(backbone, [m for m, _ in loaded], ImageBatches(dataset), run)
+    read = (labels != UNREADABLE).tolist()
+    skipped = [dataset.unreadable[i] for i, ok in enumerate(read) if not ok]
+    if not any(read):
+        raise DataError(f"none of the {len(images)} image(s) could be read: {_first(skipped)}")
     several = len(loaded) > 1
     columns, cells = [], []
     for (_, cfg), path, logits in zip(loaded, args.checkpoint, all_logits):
@@ -180,15 +200,22 @@ def cmd_predict(args: argparse.Namespace) -> None:
         cells.append([[v for i, p in zip(ix, ps) for v in (i, cfg["classes"][i], f"{p:.6f}")]
                       for ps, ix in zip(top_p.tolist(), top_i.tolist())])
 
+    def text(name: Any) -> Any:  # a file or class name that is not UTF-8: its bytes, the odd ones as \xNN
+        return os.fsencode(name).decode("utf-8", "backslashreplace") if isinstance(name, str) else name
+
     def write(path: Path) -> None:
-        with path.open("w", newline="") as f:
+        with path.open("w", newline="", encoding="utf-8", errors="backslashreplace") as f:
             w = csv.writer(f)
             w.writerow(["path", *columns])
-            for r, rel in enumerate(files):
-                w.writerow([rel, *(v for per in cells for v in per[r])])
+            for r, (name, _) in enumerate(images):
+                if read[r]:
+                    w.writerow([text(v) for v in (name, *(v for per in cells for v in per[r]))])
 
     atomic_write(out, write)
-    print(f"{len(files)} predictions of {len(loaded)} checkpoint(s) written to {args.out}")
+    for reason in skipped:
+        print(f"qtune: skipped {reason}", file=sys.stderr)
+    note = f"; {len(skipped)} unreadable image(s) skipped" if skipped else ""
+    print(f"{len(images) - len(skipped)} predictions of {len(loaded)} checkpoint(s) written to {args.out}{note}")
 
 
 def _option_lines(config_class: type, prefix: str = "") -> list[str]:
@@ -541,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cache_verify)
 
     for name, func, helptext in (("eval", cmd_eval, "accuracy of a checkpoint on a labelled split"),
-                                 ("predict", cmd_predict, "predictions of a checkpoint for a folder of images")):
+                                 ("predict", cmd_predict, "predictions of a checkpoint for image folders or files")):
         example = ("qtune eval --checkpoint runs/vqt/checkpoint --data task/test.txt" if name == "eval" else
                    "qtune predict --checkpoint runs/vqt/checkpoint --images my_images/ --out predictions.csv")
         p = sub.add_parser(name, help=helptext, epilog=f"example: {example}")
@@ -555,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval":
             p.add_argument("--data", required=True, help="image folder or list file")
         else:
-            p.add_argument("--images", required=True, help="folder of images")
+            p.add_argument("--images", required=True, nargs="+", metavar="PATH",
+                           help="image folders and/or image files; an unreadable image is skipped and reported")
             p.add_argument("--out", required=True, help="CSV file to write")
             p.add_argument("--top-k", type=int, default=1,
                            help="also write the next k-1 classes with their probabilities (default 1)")
@@ -714,6 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a file or class name that is not UTF-8 is printed with \x escapes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         args = build_parser().parse_args(argv)
         if getattr(args, "quiet", False):

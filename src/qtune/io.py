@@ -86,6 +86,7 @@ def exclusive_folder(out: Path) -> Iterator[None]:
     FolderLockedError naming the holder's pid. The lock is the kernel's (flock), so it ends with its process, however
     that ends; the file holds the pid and is removed on release."""
     path = lock_path(Path(out))
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # removed again if left empty
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
@@ -111,3 +112,6 @@ def exclusive_folder(out: Path) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)
         os.close(fd)
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()

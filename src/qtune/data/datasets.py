@@ -190,12 +190,22 @@ def load_image(path: Path) -> Image.Image:
         raise DataError(f"{path}: cannot read image ({type(e).__name__})") from None
 
 
-class ImageDataset(Dataset):
-    """Items are (image tensor, label, index); ``sample_ids[index]`` is the stable id."""
+UNREADABLE = -1  # the label of an image that could not be read, where a dataset skips such images
 
-    def __init__(self, listing: Listing, transform: Callable[[Image.Image], torch.Tensor]):
+
+class ImageDataset(Dataset):
+    """Items are (image tensor, label, index); ``sample_ids[index]`` is the stable id.
+
+    With ``skip_unreadable``, an image that cannot be read comes as a blank one labelled UNREADABLE (the reason in
+    ``unreadable``, in this process), so that serving a folder of many images is not ended by one bad file.
+    """
+
+    def __init__(self, listing: Listing, transform: Callable[[Image.Image], torch.Tensor],
+                 skip_unreadable: bool = False):
         self.listing = listing
         self.transform = transform
+        self.skip_unreadable = skip_unreadable
+        self.unreadable: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.listing.samples)
@@ -210,4 +220,11 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         rel, label = self.listing.samples[index]
-        return self.transform(load_image(self.listing.root / rel)), label, index
+        try:
+            image = load_image(self.listing.root / rel)
+        except DataError as e:
+            if not self.skip_unreadable:
+                raise
+            self.unreadable[index] = str(e)
+            return self.transform(Image.new("RGB", (1, 1))), UNREADABLE, index
+        return self.transform(image), label, index
