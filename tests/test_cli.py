@@ -286,6 +286,41 @@ def test_list_files_encodings(shapes, tmp_path, capsys):
     assert "latin.txt:9: not UTF-8 text (byte 0xe9)" in _error(capsys, argv)
 
 
+CRAFTED = """
+import os, pickle, sys
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+open(sys.argv[1], "wb").write(pickle.dumps({"trainable": Payload()}))
+"""
+
+
+@pytest.mark.parametrize("name", ["train_state.pt", "train_state.safetensors"])
+def test_a_crafted_pickle_is_never_loaded(name, shapes, tmp_path, monkeypatch, capsys):
+    from qtune.engine import job
+
+    argv = _train(shapes, tmp_path, method="linear")
+    monkeypatch.setattr(job, "_swap_in", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(argv) == 130  # interrupted at the very end: a partial run with its config is left
+    monkeypatch.undo()
+    capsys.readouterr()
+    work = tmp_path / ".run.partial"
+    marker = tmp_path / "ran"
+    subprocess.run([sys.executable, "-c", CRAFTED, str(work / name), str(marker)], check=True)
+    err = _error(capsys, [*argv, "--resume"])
+    assert f"{work / name}: " in err and ("not loaded" in err or "not a qtune training state" in err)
+    assert not marker.exists()
+
+
+def test_adapter_files_get_the_usual_mode(linear_run):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (linear_run / "checkpoint").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+
+
 def test_lora_option_false_is_false():
     from qtune.methods import create_method
     from tests.conftest import tiny_backbone
