@@ -321,6 +321,62 @@ def test_adapter_files_get_the_usual_mode(linear_run):
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from qtune.io import exclusive_folder
+with exclusive_folder(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_second_process_on_one_out_folder_is_refused(command, shapes, tmp_path, capsys):
+    import signal
+
+    out = tmp_path / "run"
+    if command == "train":
+        argv = _train(shapes, tmp_path, method="linear")
+    else:
+        (tmp_path / "s.toml").write_text("[tasks]\noffline = ['digits']\n[methods.linear]\n")
+        argv = ["sweep", str(tmp_path / "s.toml"), "--out", str(out), "--quiet"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = _error(capsys, argv)
+        assert f"{out}: in use by another qtune process (pid {holder.pid})" in err
+        assert not out.exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    if command == "train":  # the kernel dropped the dead holder's lock: the folder is free again
+        assert main(argv) == 0 and (out / "config.json").is_file()
+        assert not (tmp_path / ".run.lock").exists()
+
+
+def test_an_interrupted_run_says_how_to_resume_and_a_rerun_that_it_discards_it(shapes, tmp_path, monkeypatch,
+                                                                               capsys):
+    from qtune.engine import job
+
+    real = job.fit
+
+    def interrupted(*args, on_epoch, **kwargs):
+        def stop(record):
+            on_epoch(record)
+            raise KeyboardInterrupt
+        return real(*args, on_epoch=stop, **kwargs)
+
+    argv = _train(shapes, tmp_path, method="linear")
+    monkeypatch.setattr(job, "fit", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "the same command with --resume continues it" in err and err.strip().endswith("qtune: interrupted")
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert f"discarding the interrupted run in {tmp_path / '.run.partial'}" in capsys.readouterr().err
+
+
 def test_lora_option_false_is_false():
     from qtune.methods import create_method
     from tests.conftest import tiny_backbone

@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         method, options, train_cfg, recipe = _method_and_config(args)
         spec = JobSpec(_backbone_spec(args), DataSpec(args.train, args.val, args.test, args.num_classes, args.data_root),
                        method, options, train_cfg, args.out, cache=args.cache, stream_blocks=args.stream_blocks,
-                       recipe=recipe)
+                       recipe=recipe, cache_fallback=args.cache_fallback)
     try:
         result = train_job(spec, overwrite=args.overwrite, resume=args.resume, tensorboard=args.tensorboard)
     except KeyboardInterrupt:
@@ -529,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", metavar="DIR", help="read K/V from this TapCache where it matches (else trace live)")
     p.add_argument("--stream-blocks", action="store_true",
                    help="with --cache: read one block's K/V at a time, checkpointed (memory flat in depth)")
+    p.add_argument("--cache-fallback", action="store_true",
+                   help="with --cache: trace live where the cache is corrupt (truncated, failing a checksum) instead "
+                        "of stopping")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 

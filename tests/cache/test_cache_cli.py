@@ -71,3 +71,15 @@ def test_verify_errors_are_one_line(vtab, tmp_path, capsys):
     assert "--stream-blocks reads K/V from a cache" in _error(capsys, _train(vtab, tmp_path / "r", "--stream-blocks"))
     assert "--blocks and --method" in _error(capsys, _build(vtab, tmp_path / "c2", "--method", "vqt", "--blocks", "0"))
     assert "out of range" in _error(capsys, _build(vtab, tmp_path / "c2", "--blocks", "0,7"))
+
+
+def test_a_corrupt_cache_stops_training_unless_asked_to_fall_back(vtab, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(_build(vtab, cache)) == 0
+    path = cache / block_file(0)
+    os.truncate(path, path.stat().st_size - 1)
+    err = _error(capsys, _train(vtab, tmp_path / "run", "--cache", str(cache)))
+    assert f"{path}: truncated" in err and "--cache-fallback" in err and not (tmp_path / "run").exists()
+    assert main(_train(vtab, tmp_path / "run", "--cache", str(cache), "--cache-fallback")) == 0
+    assert "truncated" in capsys.readouterr().out  # the note says why it traced live
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["cache_used"]["train"] is False

@@ -7,26 +7,34 @@ from typing import Any, Iterable, Mapping
 
 from ..backbones import Backbone, Point
 from ..data import Listing
-from ..errors import CacheError
+from ..errors import CacheCorruptError, CacheError
 from ..tuned import TunedModel
 from .read import CachedBatches, TapCache
 
 
 def cached_splits(path: str | Path, model: TunedModel, splits: Mapping[str, Listing],
-                  stream: bool = False) -> tuple[dict[str, CachedBatches], list[str]]:
+                  stream: bool = False, fallback: bool = False) -> tuple[dict[str, CachedBatches], list[str]]:
     """The splits the cache can serve for ``model``, and a one-line note for each split traced live instead.
 
     A split is served only if the backbone identity, preprocessing and kept blocks match and every one of its
-    samples is in the cache with the same label and an unchanged file; anything else falls back to live tracing.
+    samples is in the cache with the same label and an unchanged file; anything else falls back to live tracing,
+    except a corrupt cache (truncated, failing a checksum): that is a CacheCorruptError unless ``fallback``.
     """
     def live(reason: str, split: str | None = None) -> str:
         where = f" for {split}" if split else ""
         return f"qtune: cache {path} not used{where}: {reason}; tracing live"
 
+    def corrupt(e: CacheCorruptError) -> CacheCorruptError:
+        return CacheCorruptError(f"{e}; rebuild the cache (qtune cache build), or pass --cache-fallback to trace live")
+
     if not model.reads_taps:
         return {}, [live(f"method {model.method.name!r} trains the stream, it does not read taps")]
     try:
         cache = TapCache(path)
+    except CacheCorruptError as e:
+        if not fallback:
+            raise corrupt(e) from None
+        return {}, [live(str(e))]
     except CacheError as e:
         return {}, [live(str(e))]
     blocks, points = model.blocks_read(), model.points_read()
@@ -38,6 +46,10 @@ def cached_splits(path: str | Path, model: TunedModel, splits: Mapping[str, List
     for name, listing in splits.items():
         try:
             served[name] = CachedBatches(cache, listing, blocks, stream=stream, points=points)
+        except CacheCorruptError as e:
+            if not fallback:
+                raise corrupt(e) from None
+            notes.append(live(str(e), name))
         except CacheError as e:
             notes.append(live(str(e), name))
     return served, notes

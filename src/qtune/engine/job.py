@@ -74,6 +74,7 @@ class JobSpec:
     cache: str | None = None  # a TapCache folder: splits it matches are read from it instead of traced live
     stream_blocks: bool = False  # with a cache: read one block's K/V at a time, checkpointed (flat memory in depth)
     recipe: str | None = None  # where ``train`` started from (a method's own recipe, a preset), as recorded
+    cache_fallback: bool = False  # a corrupt cache: trace live with a note instead of stopping
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,7 +88,8 @@ class JobSpec:
             d = json.loads(Path(path).read_text())
             return cls(BackboneSpec(**d["backbone"]), DataSpec(**d["data"]), d["method"], d.get("method_config", {}),
                        TrainConfig(**{**d["train"], **(train_overrides or {})}), out_dir or d["out_dir"],
-                       cache=d.get("cache"), stream_blocks=d.get("stream_blocks", False), recipe=d.get("recipe"))
+                       cache=d.get("cache"), stream_blocks=d.get("stream_blocks", False), recipe=d.get("recipe"),
+                       cache_fallback=d.get("cache_fallback", False))
         except FileNotFoundError:
             raise ConfigError(f"{path}: not found") from None
         except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -149,7 +151,8 @@ def _train_job(spec: JobSpec, out: Path, overwrite: bool, resume: bool, tensorbo
     if spec.cache:
         from ..cache import cached_splits
 
-        served, notes = cached_splits(spec.cache, model, splits, stream=spec.stream_blocks)
+        served, notes = cached_splits(spec.cache, model, splits, stream=spec.stream_blocks,
+                                      fallback=spec.cache_fallback)
         for note in notes:
             print(note)
         datasets.update(served)
