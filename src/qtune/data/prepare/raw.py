@@ -155,8 +155,8 @@ def kitti(root: Path, download: bool) -> Pool:
     ds = _torchvision("Kitti", root, download, "Kitti/raw/training/image_2/*.png and Kitti/raw/training/label_2/*.txt",
                       train=True)
     base = root / "Kitti" / "raw"
-    return {"all": [Item(Path(f).relative_to(base).as_posix(), kitti_distance_label(t), Path(f))
-                    for f, t in zip(ds.images, ds.targets)]}
+    return {"all": [Item(Path(f).relative_to(base).as_posix(), kitti_distance_label(ds._parse_target(i)), Path(f))
+                    for i, f in enumerate(ds.images)]}
 
 
 def kitti_distance_label(objects: list[dict]) -> int:
@@ -301,6 +301,9 @@ class _FirstCamera:
         return self.images[i, 0]
 
 
+RETINOPATHY_RADIUS = 300  # TFDS's btgraham-300
+
+
 def retinopathy(root: Path, download: bool) -> Pool:
     """Kaggle's Diabetic Retinopathy Detection: train + trainLabels.csv; the test images with the solution file,
     its Public rows as validation and its Private rows as test (TFDS's split), each image in Graham's
@@ -319,7 +322,7 @@ def retinopathy(root: Path, download: bool) -> Pool:
                 split = "train" if folder == "train" else ("validation" if row["Usage"] == "Public" else "test")
                 source = base / folder / f"{row['image']}.jpeg"
                 pool[split].append(Item(f"{folder}/{row['image']}.jpg", int(row["level"]),
-                                        functools.partial(btgraham, source, 300)))
+                                        functools.partial(btgraham, source, RETINOPATHY_RADIUS)))
     return pool
 
 
