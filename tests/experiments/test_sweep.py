@@ -319,3 +319,59 @@ def test_each_task_caches_exactly_what_its_side_paths_read(task, tmp_path):
     assert len(caches) == 2
     held = sorted((TapCache(c).blocks, tuple(p.key for p in TapCache(c).points)) for c in caches)
     assert held == [((), ()), ((), ("pre_attn.p48", "attn.p48", "mlp_hidden.p48", "mlp_out.p48"))]
+
+
+def _children(pid: int) -> set[int]:
+    """Live processes whose parent is ``pid`` (Linux /proc)."""
+    out = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.add(int(d))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_workers_exit_when_the_driver_is_killed(task, tmp_path):
+    import time
+
+    spec = write_spec(tmp_path / "s.toml", task, epochs=30)
+    cmd = [sys.executable, "-m", "qtune.cli", "sweep", str(spec), "--out", str(tmp_path / "run"), "--jobs", "2"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_children(driver.pid)) < 3 and time.monotonic() < deadline:  # 2 workers + the resource tracker
+            time.sleep(0.2)
+        workers = _children(driver.pid)
+        assert len(workers) >= 3, "the pool did not start"
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in workers if _alive(p)]
+
+
+def test_a_reader_that_leaves_does_not_stop_the_sweep(task, tmp_path):
+    spec = write_spec(tmp_path / "s.toml", task, seeds="[0]", methods="[methods.linear]\ngrid = { lr = [0.01, 0.001] }\n")
+    out = tmp_path / "run"
+    cmd = f"{sys.executable} -m qtune.cli sweep {spec} --out {out} --jobs 1 | head -1; exit ${{PIPESTATUS[0]}}"
+    done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stderr == "" and done.stdout.startswith("qtune sweep tiny")
+    store = Store(out / "store.sqlite")
+    trials = store.trials(store.latest_sweep())
+    assert trials and all(t.state == "done" for t in trials)

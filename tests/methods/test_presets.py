@@ -46,15 +46,19 @@ def _args(*extra):
 
 
 def test_cli_flags_override_the_preset_which_overrides_the_defaults():
-    method, options, cfg = _method_and_config(_args("--preset", "synqt:vtab/clevr_count", "-O", "tokens=2",
-                                                    "--epochs", "3", "--decay-all"))
+    from qtune.methods.presets import method_recipe
+
+    method, options, cfg, recipe = _method_and_config(_args("--preset", "synqt:vtab/clevr_count", "-O", "tokens=2",
+                                                            "--epochs", "3", "--decay-all"))
     assert method == "synqt" and options["tokens"] == "2" and options["feat_scale"] == 0.1
     assert get_method("synqt").config_class.from_dict(options).tokens == 2  # typed by the method's config
-    assert cfg.epochs == 3 and cfg.warmup_epochs == 10 and cfg.decay_all
-    method, options, cfg = _method_and_config(_args("--method", "vqt", "--preset", "vqt:vtab/svhn"))
+    assert cfg.epochs == 3 and cfg.warmup_epochs == 10 and cfg.decay_all and recipe == "synqt:vtab/clevr_count preset"
+    method, options, cfg, _ = _method_and_config(_args("--method", "vqt", "--preset", "vqt:vtab/svhn"))
     assert options == {"tokens": 20} and cfg.batch_size == 128 and cfg.optimizer == "adam"
-    _, _, cfg = _method_and_config(_args("--method", "linear"))
-    assert cfg == TrainConfig()
+    _, _, cfg, recipe = _method_and_config(_args("--method", "linear"))  # the method's own recipe
+    assert cfg == TrainConfig(**method_recipe("linear")[1]) and cfg.lr == 1e-2 and recipe.startswith("linear's own")
+    _, _, cfg, recipe = _method_and_config(_args("--method", "bitfit", "--lr", "0.1"))  # no recipe of its own
+    assert cfg == TrainConfig(lr=0.1) and "qtune's default" in recipe
     with pytest.raises(ConfigError, match="conflicts"):
         _method_and_config(_args("--method", "vqt", "--preset", "synqt:vtab/dtd"))
     with pytest.raises(ConfigError, match="--method or --preset"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -197,12 +198,32 @@ def choose(trials: list[Trial], candidates: list[Candidate]) -> tuple[Candidate,
     return best, scores[best.index]
 
 
+def _say(*args: Any, **kwargs: Any) -> None:
+    """Progress on stdout. A reader that left (`qtune sweep ... | head`) does not stop the sweep: the rest of the
+    output goes nowhere and the work goes on (its results are in the store)."""
+    try:
+        print(*args, **kwargs)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 # -- executors ------------------------------------------------------------------------------------------------------
 
-def _init_worker() -> None:
+def _init_worker(driver: int) -> None:
+    import threading
+
     import torch
 
     torch.set_num_threads(1)
+    threading.Thread(target=_exit_with_driver, args=(driver,), daemon=True).start()
+
+
+def _exit_with_driver(driver: int) -> None:
+    """A pool worker ends when its driver is gone (killed: nothing shuts the pool down), instead of holding its
+    memory with nobody to read its result: an orphan is adopted by another process."""
+    while os.getppid() == driver:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def execute(units: list[dict[str, Any]], executor: str, jobs: int, address: str | None
@@ -231,7 +252,8 @@ def execute(units: list[dict[str, Any]], executor: str, jobs: int, address: str 
         for u in units:
             yield u, run_unit(u)
         return
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                             initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(run_unit, u): u for u in units}
         for f in as_completed(futures):
             try:
@@ -270,7 +292,7 @@ def _run_sweep(spec: SweepSpec, out: Path, executor: str, jobs: int, address: st
                memory_budget: int | None, threads: int, progress: bool) -> str:
     plan = Plan(spec, out)
     store = Store(store_path(out))
-    say = print if progress else (lambda *a, **k: None)
+    say = _say if progress else (lambda *a, **k: None)
     start = time.perf_counter()
 
     side_tasks = [t for t in spec.tasks if any(get_method(m.name).reads_taps for m in spec.methods)]
@@ -397,7 +419,7 @@ def _ticker(unit: dict[str, Any], what: str, step: str = "epoch", every: float =
     def tick(epoch: int) -> None:
         if time.perf_counter() - last[0] >= every:
             last[0] = time.perf_counter()
-            print(f"    {unit['task']} {what}: {step} {epoch} done", flush=True)
+            _say(f"    {unit['task']} {what}: {step} {epoch} done", flush=True)
     return tick
 
 
@@ -410,7 +432,7 @@ def _train_batches(model, unit: dict[str, Any], listing):
         served, notes = cached_splits(unit["cache"], model, {"train": listing})
         if "train" in served:
             return served["train"]
-        print("\n".join(notes))
+        _say("\n".join(notes))
     return ImageBatches(ImageDataset(listing, model.backbone.preprocessing.transform()))
 
 
