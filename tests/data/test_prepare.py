@@ -393,3 +393,19 @@ def test_prepare_fgvc_other_layouts(name, build, sizes, tmp_path):
     assert {k: manifest["sizes"][k] for k in sizes} == sizes
     split = read_fgvc(folder / "annotations", shots=16, seed=0)
     assert len(split["train"].samples) == 16 * (4 if name == "aircraft" else 3)
+
+
+def test_an_unknown_task_takes_its_classes_from_its_training_list(tmp_path):
+    task = tmp_path / "my_task"
+    task.mkdir()
+    for i in range(6):
+        _jpg(task / f"{i}.jpg", i)
+    lists = {"train800": "0.jpg 0\n1.jpg 1\n2.jpg 2\n", "val200": "3.jpg 0\n", "test": "4.jpg 1\n5.jpg 0\n"}
+    lists["train800val200"] = lists["train800"] + lists["val200"]
+    for name, text in lists.items():
+        (task / f"{name}.txt").write_text(text)
+    splits = read_vtab(task)  # val200 and test use fewer classes than training: still three classes
+    assert all(len(listing.classes) == 3 for listing in splits.values())
+    (task / "test.txt").write_text("4.jpg 3\n")
+    with pytest.raises(DataError, match="label"):
+        read_vtab(task)

@@ -84,9 +84,8 @@ def read_vtab(task_dir: str | Path, num_classes: int | None = None) -> dict[str,
     task = vtab_task(task_dir.name)
     if num_classes is None and task is not None:
         num_classes = task.num_classes
-    if num_classes is None:
-        labels = [y for s in VTAB_SPLITS for _, y in read_list_file(task_dir / f"{s}{suffix}").samples]
-        num_classes = max(labels) + 1
+    if num_classes is None:  # a task the registry does not know: its classes are those its training list uses
+        num_classes = len(read_list_file(task_dir / f"train800val200{suffix}").classes)
     splits = {s: read_list_file(task_dir / f"{s}{suffix}", task_dir, num_classes) for s in VTAB_SPLITS}
     for listing in splits.values():
         listing.check_files()
@@ -112,6 +111,8 @@ def read_fgvc(annotations: str | Path, image_root: str | Path | None = None, sho
                  if annotations.parent.name.lower() in (t.name, *t.aliases)), None)
     if num_classes is None and task is not None:
         num_classes = task.num_classes
+    if num_classes is None:  # a dataset the registry does not know: its classes are those its k-shot list uses
+        num_classes = len(read_list_file(annotations / files["train"], root).classes)
     splits = {k: read_list_file(annotations / f, root, num_classes) for k, f in files.items()}
     for listing in splits.values():
         listing.check_files()
