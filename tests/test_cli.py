@@ -9,7 +9,7 @@ import torch
 from qtune.cli import main
 from tests.conftest import TINY, TINY_NAME
 
-BACKBONE = ["--backbone", TINY_NAME] + [f"--model-arg={k}={v}" for k, v in TINY.items()]
+BACKBONE = ["--backbone", TINY_NAME, "--random-init"] + [f"--model-arg={k}={v}" for k, v in TINY.items()]
 
 
 def _train(shapes, tmp_path, *extra, method="synqt"):
@@ -45,6 +45,15 @@ def test_methods_lists_counts(capsys):
     out = capsys.readouterr().out
     for name in ("linear", "vqt", "synqt", "full"):
         assert f"\n{name} " in out
+
+
+@pytest.mark.parametrize("command", [["methods"], ["memory", "--methods", "linear", "--batch-size", "2", "--quiet"]])
+def test_counting_commands_default_to_random_weights_and_say_so(command, capsys):
+    argv = [*command, *[a for a in BACKBONE if a != "--random-init"], "--num-classes", "10"]
+    assert main(argv) == 0
+    assert "random weights: no --weights or --pretrained given" in capsys.readouterr().out
+    assert main([*command, "--weights", "demo"]) == 0
+    assert "random weights" not in capsys.readouterr().out
 
 
 def test_missing_data_path(shapes, tmp_path, capsys):
@@ -170,6 +179,11 @@ BAD_INPUTS = [  # (argv after the fixtures are substituted, what the one line mu
     (["predict", "--checkpoint", "{ckpt}", "--images", "{tmp}/nowhere", "--out", "{tmp}/p.csv"],
      "nowhere: no such image file or folder"),
     (["predict", "--checkpoint", "{ckpt}", "--images", "{file}", "--out", "{tmp}/p.csv"], "a_file: not an image file"),
+    (["train", "--backbone", TINY_NAME, "--method", "linear", "--train", "{test}", "--out", "{tmp}/run"],
+     f"backbone '{TINY_NAME}' has no weights: give --weights or --pretrained, or --random-init"),
+    (["cache", "build", "--backbone", TINY_NAME, "--data", "{test}", "--out", "{tmp}/cache"],
+     f"backbone '{TINY_NAME}' has no weights"),
+    (["train", "{base}", "--weights", "demo"], "--random-init conflicts with --weights"),
 ]
 
 

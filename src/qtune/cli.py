@@ -34,6 +34,8 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", help="local weights: .safetensors/.pth/.bin/.npz, a folder in timm's hub layout, or "
                                      "'demo' (the small ViT shipped with qtune)")
     g.add_argument("--pretrained", action="store_true", help="fetch the hub weights of --backbone (needs a network)")
+    g.add_argument("--random-init", action="store_true",
+                   help="use --backbone with random weights (seeded): for tests and timings, nothing to transfer")
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="timm constructor argument (img_size=32, depth=4, global_pool=avg, ...)")
     g.add_argument("--input-size", type=int, help="override the preprocessing input size (square)")
@@ -42,12 +44,23 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--std", type=float, nargs=3)
 
 
-def _backbone_spec(args: argparse.Namespace):
+def _backbone_spec(args: argparse.Namespace, random_by_default: bool = False):
+    """The backbone the flags name. A name without weights needs --random-init, unless ``random_by_default`` (for
+    commands whose output does not depend on the weights; they say that the weights are random)."""
+    from .backbones import check_weights_source
     from .engine.job import BackboneSpec
 
+    random_init = args.random_init or (random_by_default and bool(args.backbone) and not args.weights
+                                       and not args.pretrained)
+    check_weights_source(args.backbone, args.weights, args.pretrained, random_init,
+                         lambda field: "--" + field.replace("_", "-"))
     prep = {"input_size": args.input_size, "interpolation": args.interpolation, "mean": args.mean, "std": args.std}
     return BackboneSpec(args.backbone, args.weights, args.pretrained, _model_args(args.model_arg),
-                        {k: v for k, v in prep.items() if v is not None})
+                        {k: v for k, v in prep.items() if v is not None}, random_init=random_init)
+
+
+def _random_note(spec) -> str:
+    return " (random weights: no --weights or --pretrained given)" if spec.random_init else ""
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -105,8 +118,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         if not args.train or not args.out:
             raise ConfigError("--train and --out are needed (or --config RUN/config.json to run a recorded run again)")
+        backbone = _backbone_spec(args)  # checked before the recipe is printed
         method, options, train_cfg, recipe = _method_and_config(args)
-        spec = JobSpec(_backbone_spec(args), DataSpec(args.train, args.val, args.test, args.num_classes, args.data_root),
+        spec = JobSpec(backbone, DataSpec(args.train, args.val, args.test, args.num_classes, args.data_root),
                        method, options, train_cfg, args.out, cache=args.cache, stream_blocks=args.stream_blocks,
                        recipe=recipe, cache_fallback=args.cache_fallback)
     try:
@@ -246,9 +260,11 @@ def cmd_methods(args: argparse.Namespace) -> None:
         print("\n".join(_option_lines(cls.config_class)))
         return
 
-    backbone = _backbone_spec(args).load()
+    spec = _backbone_spec(args, random_by_default=True)
+    backbone = spec.load()
     stage = "" if backbone.kind == "vit" else f" (stage {backbone.stage_position + 1})"
-    print(f"{backbone.identity.name}: depth {backbone.depth}, width {backbone.dim}{stage}, {args.num_classes} classes")
+    print(f"{backbone.identity.name}: depth {backbone.depth}, width {backbone.dim}{stage}, {args.num_classes} classes"
+          + _random_note(spec))
     width = max(10, *(len(name) for name in method_names()))
     print(f"{'method':<{width}} {'kind':<7} {'trainable':>12}  summary")
     for name in method_names():
@@ -444,7 +460,10 @@ def cmd_memory(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(_positive_int(args.threads, "--threads"))
     device = TrainConfig(device=args.device).resolved_device()
-    backbone = _backbone_spec(args).load().to(device)
+    spec = _backbone_spec(args, random_by_default=True)
+    if spec.random_init:
+        print(f"qtune memory: {spec.name}{_random_note(spec)}; memory and FLOPs do not depend on them")
+    backbone = spec.load().to(device)
     say = (lambda msg: print(f"qtune memory: {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
     result = compare_methods(backbone, methods, batch_size=batch, num_classes=args.num_classes, device=device,
                              precision=args.precision, options=options, training=args.training, cached=args.cached,

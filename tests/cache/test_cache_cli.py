@@ -7,7 +7,7 @@ from qtune.cache.manifest import block_file
 from qtune.cli import main
 from tests.conftest import TINY, TINY_NAME
 
-BACKBONE = ["--backbone", TINY_NAME] + [f"--model-arg={k}={v}" for k, v in TINY.items()]
+BACKBONE = ["--backbone", TINY_NAME, "--random-init"] + [f"--model-arg={k}={v}" for k, v in TINY.items()]
 
 
 def _build(vtab, out, *extra):

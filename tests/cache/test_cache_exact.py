@@ -70,7 +70,7 @@ def test_train_job_with_a_cache_writes_the_live_run_checkpoint(cache_dir, vtab, 
     def spec(out, **kw):
         cfg = TrainConfig(epochs=2, batch_size=16, lr=3e-3, warmup_epochs=1, progress=False)
         data = DataSpec(str(vtab / "train.txt"), str(vtab / "val.txt"), str(vtab / "test.txt"))
-        return JobSpec(BackboneSpec(TINY_NAME, model_args=TINY), data, "synqt", {}, cfg, str(out), **kw)
+        return JobSpec(BackboneSpec(TINY_NAME, model_args=TINY, random_init=True), data, "synqt", {}, cfg, str(out), **kw)
 
     live = train_job(spec(tmp_path / "live"))
     assert "qtune cache build" in capsys.readouterr().out  # the live run is told what a cache would save

@@ -16,7 +16,7 @@ from tests.conftest import TINY, TINY_NAME
 def _spec(shapes, method, out, epochs=15, **train):
     train = {"lr": 3e-3, "warmup_epochs": 1, **train}
     cfg = TrainConfig(epochs=epochs, batch_size=32, progress=False, **train)
-    return JobSpec(BackboneSpec(TINY_NAME, model_args=TINY),
+    return JobSpec(BackboneSpec(TINY_NAME, model_args=TINY, random_init=True),
                    DataSpec(str(shapes / "train"), str(shapes / "val"), str(shapes / "test")), method, {}, cfg, str(out))
 
 

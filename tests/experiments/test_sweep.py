@@ -59,6 +59,7 @@ options = { tokens = 1, bottleneck = 8, qsm_bottleneck = 4 }
 name = "tiny"
 [backbone]
 name = "{TINY_NAME}"
+random_init = true
 model_args = {{ {args} }}
 [tasks]
 vtab = ["{task}"]
@@ -226,6 +227,13 @@ def test_failed_unit_is_recorded_and_the_sweep_goes_on(task, tmp_path, monkeypat
     ("[tasks]\noffline = ['digits']\n[train]\nepochs = 'two'\n[methods.linear]\n", "epochs: expected a whole number"),
     ("[tasks]\noffline = ['digits']\n[methods.linear]\ngrid = { lr = [0.1, nan] }\n", "lr: expected a finite"),
     ("[tasks]\noffline = ['digits']\n[train]\ndevice = 'cuda:99'\n[methods.linear]\n", "device 'cuda:99'"),
+    ("[backbone]\nname = 'vit_tiny_patch16_224'\n[tasks]\noffline = ['digits']\n[methods.linear]\n",
+     "backbone: backbone 'vit_tiny_patch16_224' has no weights: give weights = \"FILE\" or pretrained = true, "
+     "or random_init = true"),
+    ("[backbone]\nweights = 'demo'\nrandom_init = true\n[tasks]\noffline = ['digits']\n[methods.linear]\n",
+     "backbone: random_init = true conflicts with weights"),
+    ("[backbone]\nname = 'vit_tiny_patch16_224'\nrandom_init = 'yes'\n[tasks]\noffline = ['digits']\n"
+     "[methods.linear]\n", "backbone: random_init: expected true or false, got 'yes'"),
 ])
 def test_bad_spec_is_one_line_naming_the_field(tmp_path, capsys, text, field):
     spec = tmp_path / "bad.toml"

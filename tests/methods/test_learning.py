@@ -28,7 +28,7 @@ SETTINGS = {  # method: (epochs, lr, options)
 def test_method_learns_the_generated_task(shapes, tmp_path, method):
     epochs, lr, options = SETTINGS.get(method, (10, 3e-3, {}))
     cfg = TrainConfig(epochs=epochs, batch_size=32, lr=lr, warmup_epochs=1, progress=False)
-    spec = JobSpec(BackboneSpec(TINY_NAME, model_args=TINY),
+    spec = JobSpec(BackboneSpec(TINY_NAME, model_args=TINY, random_init=True),
                    DataSpec(str(shapes / "train"), str(shapes / "val"), str(shapes / "test")),
                    method, options, cfg, str(tmp_path / "run"))
     result = train_job(spec)

@@ -229,7 +229,7 @@ def test_command_line_errors_are_one_line(shapes, tmp_path, capsys, method, opti
     from qtune.cli import main
     from tests.conftest import TINY, TINY_NAME
 
-    argv = ["train", "--backbone", TINY_NAME, *[f"--model-arg={k}={v}" for k, v in TINY.items()],
+    argv = ["train", "--backbone", TINY_NAME, "--random-init", *[f"--model-arg={k}={v}" for k, v in TINY.items()],
             "--method", method, "--train", str(shapes / "train"), "--epochs", "1", "--out", str(tmp_path / "r"),
             "--no-progress", *[a for o in options for a in ("-O", o)]]
     assert main(argv) == 2

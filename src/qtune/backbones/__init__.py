@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import timm
 import torch
@@ -17,7 +17,7 @@ from .vit import Backbone, BackboneIdentity, QueryOutput
 from .weights import load_into, weights_hash
 
 __all__ = ["POINTS", "Backbone", "BackboneIdentity", "ConvNeXtBackbone", "Point", "QueryOutput", "StageBackbone",
-           "SwinBackbone", "Taps", "demo_weights", "load_backbone"]
+           "SwinBackbone", "Taps", "check_weights_source", "demo_weights", "load_backbone"]
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
@@ -27,6 +27,19 @@ def demo_weights() -> Path:
     from importlib import resources
 
     return Path(str(resources.files("qtune") / "assets" / "demo_vit"))
+
+
+def check_weights_source(name: str | None, weights: Any, pretrained: bool, random_init: bool,
+                         spelled: Callable[[str], str] = str) -> None:
+    """Refuse a backbone named without weights unless random weights are asked for: features of a random backbone
+    train to a result that looks like any other, so they never come by default. ``spelled`` writes a field the way
+    the user gives it (a flag, a spec field)."""
+    given = [f for f, v in (("weights", weights), ("pretrained", pretrained)) if v]
+    if random_init and given:
+        raise ConfigError(f"{spelled('random_init')} conflicts with {spelled(given[0])}: give one")
+    if name and not given and not random_init:
+        raise ConfigError(f"backbone {name!r} has no weights: give {spelled('weights')} or {spelled('pretrained')}, "
+                          f"or {spelled('random_init')} to use random weights (nothing pretrained to transfer)")
 
 
 def _resolve_weights_dir(path: Path) -> tuple[Path, dict[str, Any]]:

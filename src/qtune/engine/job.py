@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..backbones import Backbone, demo_weights, load_backbone
+from ..backbones import Backbone, check_weights_source, demo_weights, load_backbone
 from ..data import ImageDataset, Listing, read_split
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..io import append_jsonl, exclusive_folder, write_csv, write_json, write_text
@@ -25,6 +25,9 @@ from .loop import ImageBatches, TrainConfig, evaluate, fit, peak_memory
 from .provenance import provenance
 
 
+_SPEC_SPELLING = {"weights": 'weights = "FILE"', "pretrained": "pretrained = true", "random_init": "random_init = true"}
+
+
 @dataclass
 class BackboneSpec:
     name: str | None = None
@@ -33,8 +36,13 @@ class BackboneSpec:
     model_args: dict[str, Any] = field(default_factory=dict)
     preprocessing: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
+    random_init: bool = False  # a named backbone without weights: random weights, only when asked for
 
     def __post_init__(self) -> None:
+        for name in ("pretrained", "random_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        check_weights_source(self.name, self.weights, self.pretrained, self.random_init, _SPEC_SPELLING.get)
         if self.weights == "demo":  # recorded as the real folder, so that checkpoints and caches point at it
             self.weights = str(demo_weights())
 
@@ -92,6 +100,8 @@ class JobSpec:
                        cache_fallback=d.get("cache_fallback", False))
         except FileNotFoundError:
             raise ConfigError(f"{path}: not found") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ConfigError(f"{path}: not a qtune run's config.json ({type(e).__name__}: {e})") from None
 

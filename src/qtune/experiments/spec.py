@@ -155,7 +155,10 @@ def load_spec(path: str | Path) -> SweepSpec:
     where = lambda *keys: f"{path}: {'.'.join(keys)}"  # noqa: E731
     bb = _table(raw.get("backbone", {}), where("backbone"))
     _check_keys(bb, [f.name for f in fields(BackboneSpec)], where("backbone"))
-    backbone = BackboneSpec(**bb)
+    try:
+        backbone = BackboneSpec(**bb)
+    except ConfigError as e:
+        raise ConfigError(f"{where('backbone')}: {e}") from None
 
     tasks_raw = _table(raw.get("tasks", {}), where("tasks"))
     _check_keys(tasks_raw, ("offline", "offline_test_size", "vtab", "fgvc"), where("tasks"))
