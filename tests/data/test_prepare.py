@@ -264,7 +264,7 @@ def test_prepare_is_deterministic_resumable_and_guards_its_folder(tmp_path, no_m
     assert (c / "train800.txt").read_text() != (a / "train800.txt").read_text()
     # interrupted before the lists: the images written so far are kept and the rest follow
     (a / "manifest.json").unlink()
-    for f in ("train800.txt", "val200.txt", "train800val200.txt", "test.txt"):
+    for f in ("val200.txt", "train800val200.txt", "test.txt"):  # stopped after the first list
         (a / f).unlink()
     sorted((a / "images" / "train").iterdir())[0].unlink()
     said = []
@@ -276,6 +276,11 @@ def test_prepare_is_deterministic_resumable_and_guards_its_folder(tmp_path, no_m
     assert any("already prepared" in s for s in said)
     with pytest.raises(DataError, match="--overwrite"):
         prepare_vtab(["dsprites_loc"], tmp_path / "a", tmp_path / "raw", seed=3, **quiet)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "dsprites_loc").mkdir()
+    (tmp_path / "mine" / "dsprites_loc" / "notes.txt").write_text("someone's")
+    with pytest.raises(DataError, match="not a folder this command wrote"):
+        prepare_vtab(["dsprites_loc"], tmp_path / "mine", tmp_path / "raw", **quiet)
 
 
 def test_dsprites_and_clevr_labels_follow_vtab(tmp_path, no_md5):

@@ -140,9 +140,10 @@ def write_plan(plan: Plan, out: Path, root: Path, download: bool, seed: int, ove
             return out
         raise DataError(f"{out}: holds {done.get('task')} prepared otherwise (seed {done.get('seed')}, root "
                         f"{done.get('root')}); pass --overwrite to replace it")
-    if out.exists() and not manifest_path.is_file() and any(p.name != "images" for p in out.iterdir()):
-        if not overwrite:
-            raise DataError(f"{out}: not empty and not a folder this command wrote; pass --overwrite to replace it")
+    ours = {"images", *(f"{name}.txt" for name in plan.lists)}  # what an interrupted run of this plan leaves
+    if out.exists() and not manifest_path.is_file() and not overwrite and any(
+            p.name not in ours and not p.name.endswith(".tmp") for p in out.iterdir()):
+        raise DataError(f"{out}: not empty and not a folder this command wrote; pass --overwrite to replace it")
     if overwrite and out.exists():
         shutil.rmtree(out)
     if not root.is_dir() and not download:
