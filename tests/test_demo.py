@@ -1,10 +1,13 @@
 """The main job end to end, cut down to one task, two methods and one epoch per run."""
 import json
+from dataclasses import replace
 
 import pytest
 
 from qtune.demo import demo_weights, run_demo
-from qtune.experiments import select_then_test
+from qtune.experiments.spec import Candidate
+from qtune.experiments.store import Trial
+from qtune.experiments.sweep import choose
 
 
 def test_demo_writes_table_results_and_plot(tmp_path, capsys):
@@ -28,17 +31,18 @@ def test_shipped_backbone_has_its_card():
     assert (demo_weights() / "model.safetensors").stat().st_size < 20 * 2**20
 
 
-def test_selection_never_reads_test_until_the_end():
-    calls = []
+def test_the_choice_is_the_best_held_out_mean_and_ties_go_to_the_earlier():
+    cands = [Candidate(i, {}, {"lr": lr}) for i, lr in enumerate((1.0, 2.0, 3.0))]
+    scores = ([0.25, 0.25], [0.5, 0.5], [0.25, 0.75])  # means 0.25, 0.5, 0.5
 
-    def run(hp, train, evaluate_on):
-        calls.append((hp["lr"], train, evaluate_on))
-        return {"accuracy": {1: 0.5, 2: 0.7, 3: 0.7}[hp["lr"]] if evaluate_on == "val200" else 0.1}
+    def trials(state: str = "done") -> list[Trial]:
+        return [Trial(f"{c}-{f}", "t", "linear", "fold", f, 0, c, {}, state, m)
+                for c, ms in enumerate(scores) for f, m in enumerate(ms)]
 
-    sel = select_then_test(run, [{"lr": 1}, {"lr": 2}, {"lr": 3}])
-    assert sel.best == {"lr": 2}  # ties go to the earlier candidate
-    assert [c[2] for c in calls] == ["val200"] * 3 + ["test"]
-    assert calls[-1] == (2, "train800val200", "test")
+    best, score = choose(trials(), cands)
+    assert (best.index, score) == (1, 0.5)
+    assert choose(trials()[:-1] + [replace(trials()[-1], state="failed")], cands) is None  # incomplete: no choice
+    assert choose([], cands[:1])[0] is cands[0]  # one candidate: nothing to choose, no selection trials
 
 
 def test_tasks_in_parallel_processes_give_the_same_results(tmp_path):

@@ -15,9 +15,9 @@ from typing import Any, Sequence
 from .backbones import demo_weights, load_backbone
 from .data.offline import ALL_TASKS, OFFLINE_TASKS
 from .errors import ConfigError
-from .experiments.benchmark import default_jobs
+from .experiments.spec import toml_value
 from .experiments.store import STORE_FILES
-from .experiments.sweep import run_sweep
+from .experiments.sweep import default_jobs, run_sweep
 from .io import write_text
 from .methods import get_method
 from .report.sweep import write_report
@@ -46,26 +46,14 @@ DEFAULT_RECIPE: dict[str, Any] = {"train": {"epochs": 30, "warmup_epochs": 6, "w
                                   "grid": {"lr": [1e-3, 1e-4]}}
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
-
-
 def demo_spec(methods: Sequence[str], tasks: Sequence[str], weights: Path, epochs: int | None, quick: bool,
               cache_dtype: str) -> str:
     """The demo's sweep spec, as TOML; `epochs` (and `quick`) replace every recipe's epochs and warmup."""
     if quick:
         epochs = epochs or 5
     lines = [f'name = "qtune demo ({weights.name})"', "",
-             "[backbone]", f"weights = {_toml(str(weights))}", "",
-             "[tasks]", f"offline = {_toml(list(tasks))}", f"offline_test_size = {200 if quick else 500}", "",
+             "[backbone]", f"weights = {toml_value(str(weights))}", "",
+             "[tasks]", f"offline = {toml_value(list(tasks))}", f"offline_test_size = {200 if quick else 500}", "",
              "[train]", "batch_size = 64", "",
              "[protocol]", 'selection = "val"', "seed = 0", "seeds = [0]", f'cache_dtype = "{cache_dtype}"', ""]
     for m in methods:
@@ -74,9 +62,9 @@ def demo_spec(methods: Sequence[str], tasks: Sequence[str], weights: Path, epoch
         if epochs:
             train.update(epochs=epochs, warmup_epochs=epochs // 5)
         lines += [f"[methods.{m}]"]
-        lines += [f"preset = {_toml(recipe['preset'])}"] if "preset" in recipe else []
-        lines += [f"train = {_toml(train)}"]
-        lines += [f"grid = {_toml(recipe['grid'])}"] if "grid" in recipe else []
+        lines += [f"preset = {toml_value(recipe['preset'])}"] if "preset" in recipe else []
+        lines += [f"train = {toml_value(train)}"]
+        lines += [f"grid = {toml_value(recipe['grid'])}"] if "grid" in recipe else []
         lines += [""]
     return "\n".join(lines)
 

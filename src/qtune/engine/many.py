@@ -214,23 +214,20 @@ def fold_weights(labels: Sequence[int], folds: int, seed: int) -> tuple[torch.Te
 
 
 def step_bytes(models: Sequence[TunedModel], train: Batches, batch_size: int) -> int:
-    """Training memory of one stacked step of ``models`` (CPU account or CUDA peak, as ``qtune memory``)."""
-    from ..memory.account import measure_step
+    """Training memory of one stacked step of ``models`` (``memory.step.step_memory``, as ``qtune memory``); the
+    frozen backbone, shared, is not counted."""
+    from ..memory.step import step_memory
 
     stack = ModelStack(models)
-    inputs, labels = next(train.iterate(list(range(min(batch_size, len(train)))), batch_size,
-                                        next(stack.base.parameters()).device))
-    holder = nn.ModuleList(m.method for m in stack.models)
-    opt = torch.optim.AdamW([p for p in holder.parameters() if p.requires_grad])
     generators = [torch.Generator().manual_seed(g) for g in range(len(stack))]
     stack.train()
 
-    def loss() -> torch.Tensor:
+    def loss(inputs: Any, labels: torch.Tensor) -> torch.Tensor:
         with per_model_generators(generators):
             return stack.losses(inputs, labels, None).sum()
 
-    flat = [*inputs.keys, *inputs.values, inputs.pooled]
-    return measure_step(holder, opt, loss, flat).total
+    holder = nn.ModuleList(m.method for m in stack.models)
+    return step_memory(holder, train, batch_size, loss, next(stack.base.parameters()).device).total
 
 
 def models_per_stack(build: Callable[[int], TunedModel], train: Batches, batch_size: int, budget: int,

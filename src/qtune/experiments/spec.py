@@ -1,7 +1,7 @@
 """A sweep spec (TOML): backbone, tasks, methods with their grids, the selection protocol, seeds.
 
 ```toml
-[backbone]                 # qtune.engine.job.BackboneSpec fields: name, weights ("demo", a file or folder), ...
+[backbone]                 # qtune.backbones.BackboneSpec fields: name, weights ("demo", a file or folder), ...
 weights = "demo"
 
 [tasks]
@@ -29,7 +29,14 @@ options = { tokens = 4 }
 train = { lr = 1e-3 }
 grid = { lr = [3e-3, 1e-3], "options.attn_scale" = [0.1, 1.0] }
 
-[overrides.dsprites_loc.synqt]        # per task and method
+[methods."synqt@112"]                 # a row of its own: the table's key is its label, ``method`` what it runs
+method = "synqt"
+tasks = ["dsprites_loc"]              # only on these tasks (default: every task)
+model_args = { img_size = 112 }       # over [backbone]'s: this row's backbone (trained live, no cache)
+input_size = 112                      # preprocessing input size of this row's backbone
+grid = [{}, { "options.tokens" = 4, lr = 3e-3 }]   # a list of points instead of a product of values
+
+[overrides.dsprites_loc.synqt]        # per task and method: options, train, grid
 options = { tokens = 8 }
 ```
 Every value is checked when the spec is read; an error names the file and the field.
@@ -38,8 +45,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +85,30 @@ class Candidate:
         return {k: merged.get(k) for k in varied}
 
 
+Grid = dict[str, list[Any]] | list[dict[str, Any]]  # values whose product is the grid, or the grid's points
+
+
 @dataclass
 class MethodSpec:
-    name: str
+    name: str  # the row's label (the [methods.NAME] key)
     options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
-    grid: dict[str, list[Any]] = field(default_factory=dict)
+    grid: Grid = field(default_factory=dict)
     preset: str | None = None
+    method: str = ""  # what it runs (default: its name)
+    tasks: list[str] | None = None  # the tasks it runs on (default: all)
+    model_args: dict[str, Any] = field(default_factory=dict)  # over the spec's backbone's
+    input_size: int | None = None  # the backbone's preprocessing input size
+
+    def __post_init__(self) -> None:
+        self.method = self.method or self.name
+
+    def backbone(self, base: BackboneSpec) -> BackboneSpec:
+        """The spec's backbone as this method's rows load it."""
+        if not self.model_args and self.input_size is None:
+            return base
+        prep = {**base.preprocessing, **({"input_size": self.input_size} if self.input_size is not None else {})}
+        return replace(base, model_args={**base.model_args, **self.model_args}, preprocessing=prep)
 
 
 @dataclass
@@ -113,13 +138,22 @@ class SweepSpec:
         over = self.overrides.get(task, {}).get(method.name, {})
         train = {**base_train, **method.train, **over.get("train", {}), "progress": False}
         options = {**base_options, **method.options, **over.get("options", {})}
-        keys = list(method.grid)
         out = []
-        for i, values in enumerate(itertools.product(*(method.grid[k] for k in keys))):
-            point = dict(zip(keys, values))
+        for i, point in enumerate(grid_points(over.get("grid", method.grid))):
             out.append(Candidate(i, {**options, **{k[8:]: v for k, v in point.items() if k.startswith("options.")}},
                                  {**train, **{k: v for k, v in point.items() if not k.startswith("options.")}}))
         return out
+
+    def methods_on(self, task: str) -> list[MethodSpec]:
+        return [m for m in self.methods if m.tasks is None or task in m.tasks]
+
+
+def grid_points(grid: Grid) -> list[dict[str, Any]]:
+    """A grid's points: the listed ones, or the product of the values of each key."""
+    if isinstance(grid, list):
+        return [dict(p) for p in grid]
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def _table(d: Any, where: str) -> dict[str, Any]:
@@ -132,6 +166,18 @@ def _check_keys(d: dict[str, Any], known: Any, where: str) -> None:
     unknown = sorted(set(d) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(known)})")
+
+
+def _grid(grid: Any, where: str) -> Grid:
+    """A table of non-empty lists (their product), or a non-empty list of tables (the points)."""
+    if isinstance(grid, list):
+        if not grid:
+            raise ConfigError(f"{where}: a list of points must not be empty")
+        return [_table(p, f"{where}.{i}") for i, p in enumerate(grid)]
+    for k, v in _table(grid, where).items():
+        if not isinstance(v, list) or not v:
+            raise ConfigError(f"{where}.{k}: must be a non-empty list (got {v!r})")
+    return grid
 
 
 def _check_train(d: dict[str, Any], where: str) -> None:
@@ -211,17 +257,24 @@ def load_spec(path: str | Path) -> SweepSpec:
     methods = []
     for name, m in _table(raw.get("methods", {}), where("methods")).items():
         m = _table(m, where("methods", name))
-        _check_keys(m, ("options", "train", "grid", "preset"), where("methods", name))
+        _check_keys(m, ("method", "options", "train", "grid", "preset", "tasks", "model_args", "input_size"),
+                    where("methods", name))
+        method = m.get("method", name)
         try:
-            get_method(name)
+            get_method(method)
         except ConfigError as e:
             raise ConfigError(f"{where('methods', name)}: {e}") from None
-        grid = _table(m.get("grid", {}), where("methods", name, "grid"))
-        for k, v in grid.items():
-            if not isinstance(v, list) or not v:
-                raise ConfigError(f"{where('methods', name, 'grid', k)}: must be a non-empty list (got {v!r})")
+        on = m.get("tasks")
+        if on is not None and (not isinstance(on, list) or not on or any(t not in tasks for t in on)):
+            raise ConfigError(f"{where('methods', name, 'tasks')}: a non-empty list of the spec's tasks "
+                              f"({', '.join(tasks)}); got {on!r}")
+        size = m.get("input_size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ConfigError(f"{where('methods', name, 'input_size')}: a whole number >= 1 (got {size!r})")
         methods.append(MethodSpec(name, _table(m.get("options", {}), where("methods", name, "options")),
-                                  _table(m.get("train", {}), where("methods", name, "train")), grid, m.get("preset")))
+                                  _table(m.get("train", {}), where("methods", name, "train")),
+                                  _grid(m.get("grid", {}), where("methods", name, "grid")), m.get("preset"), method,
+                                  on, _table(m.get("model_args", {}), where("methods", name, "model_args")), size))
     if not methods:
         raise ConfigError(f"{where('methods')}: no method (add a [methods.NAME] table)")
     overrides = _table(raw.get("overrides", {}), where("overrides"))
@@ -229,19 +282,21 @@ def load_spec(path: str | Path) -> SweepSpec:
         if task not in tasks:
             raise ConfigError(f"{where('overrides', task)}: not one of the spec's tasks ({', '.join(tasks)})")
         for mname, o in _table(per, where("overrides", task)).items():
-            _check_keys(_table(o, where("overrides", task, mname)), ("options", "train"),
+            _check_keys(_table(o, where("overrides", task, mname)), ("options", "train", "grid"),
                         where("overrides", task, mname))
+            if "grid" in o:
+                _grid(o["grid"], where("overrides", task, mname, "grid"))
     spec = SweepSpec(path, str(raw.get("name", path.stem)), backbone, tasks, train, selection, folds,
                      int(proto.get("seed", 0)), seeds, cache_dtype, methods, overrides, test_size)
     devices: dict[str, str] = {}
     for task in tasks:  # every candidate's options and schedule are valid before anything runs
-        for m in methods:
+        for m in spec.methods_on(task):
             for c in spec.candidates(task, m):
                 label = where("methods", m.name) + f" (task {task}, grid point {c.index})"
                 _check_train(c.train, label)
                 devices.setdefault(c.config().device, label)
                 try:
-                    get_method(m.name).config_class.from_dict(c.options)
+                    get_method(m.method).config_class.from_dict(c.options)
                 except ConfigError as e:
                     raise ConfigError(f"{label}: {e}") from None
     for device, label in devices.items():  # each device asked for is probed once: there, or an error now
@@ -255,3 +310,21 @@ def load_spec(path: str | Path) -> SweepSpec:
 def canonical(obj: Any) -> str:
     """The one JSON form that identities are hashed from."""
     return json.dumps(obj, sort_keys=True, default=str)
+
+
+def toml_value(value: Any) -> str:
+    """``value`` written as TOML (inline tables and arrays): how specs are written from code."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def toml_key(key: str) -> str:
+    """A key as TOML reads it back: bare where it can be, quoted otherwise (``"options.tokens"`` is one key)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else toml_value(key)

@@ -69,13 +69,31 @@ class Plan:
         self.num_classes = {t: s.read().num_classes for t, s in self.sources.items()}
         backbone = spec.backbone.load()  # a bad backbone fails here, before any work
         self.backbone_key = backbone_key(backbone)
+        self.methods = {m.name: m for m in spec.methods}
+        # A method whose backbone differs from the spec's (model_args, input_size) trains live, with its own key.
+        self.backbone_keys = {m.name: backbone_key(m.backbone(spec.backbone).load()) if self.own_backbone(m.name)
+                              else self.backbone_key for m in spec.methods}
         self.task_ids = {t: _task_identity(s) for t, s in self.sources.items()}
-        self.candidates = {(t, m.name): spec.candidates(t, m) for t in spec.tasks for m in spec.methods}
+        self.candidates = {(t, m.name): spec.candidates(t, m) for t in spec.tasks for m in spec.methods_on(t)}
         self.reads = {t: self._reads(backbone, t) for t in spec.tasks}
         self.hash = digest(canonical({"backbone": self.backbone_key, "tasks": self.task_ids,
                                       "candidates": {f"{t}/{m}": [asdict(c) for c in cs]
                                                      for (t, m), cs in self.candidates.items()},
-                                      "protocol": self.protocol}).encode())[:16]
+                                      "protocol": self.protocol, **self._variants()}).encode())[:16]
+
+    def own_backbone(self, name: str) -> bool:
+        m = self.methods[name]
+        return m.backbone(self.spec.backbone) is not self.spec.backbone
+
+    def reads_cache(self, name: str) -> bool:
+        """Whether the method's trials read the task's cache: side-path methods on the spec's backbone."""
+        return get_method(self.methods[name].method).reads_taps and not self.own_backbone(name)
+
+    def _variants(self) -> dict[str, Any]:
+        """What labelled rows and their backbones add to an identity (nothing for a spec without them)."""
+        out = {name: {"method": m.method, "backbone": self.backbone_keys[name]} for name, m in self.methods.items()
+               if m.method != name or self.own_backbone(name)}
+        return {"variants": out} if out else {}
 
     @property
     def protocol(self) -> dict[str, Any]:
@@ -94,8 +112,9 @@ class Plan:
         """The blocks (K/V) and block points the task's side-path candidates read: what its cache stores."""
         from ..cache import what_is_read
 
-        return what_is_read(backbone, ((m.name, c.options) for m in self.spec.methods
-                                       for c in self.candidates[(task, m.name)]), self.num_classes[task])
+        return what_is_read(backbone, ((m.method, c.options) for m in self.spec.methods_on(task)
+                                       if self.reads_cache(m.name) for c in self.candidates[(task, m.name)]),
+                            self.num_classes[task])
 
     def cache_dir(self, task: str) -> Path:
         """Per task, dtype, backbone and what is stored: two specs sharing an output folder never compete for one
@@ -108,14 +127,19 @@ class Plan:
             key["points"] = [p.to_dict() for p in points]
         return self.out / "cache" / f"{task}-{self.spec.cache_dtype}-{digest(canonical(key).encode())[:8]}"
 
-    def _key(self, task: str, method: str, c: Candidate, kind: str, fold: int, seed: int) -> str:
-        return digest(canonical({"backbone": self.backbone_key, "task": [task, self.task_ids[task]], "method": method,
-                                 "options": c.options, "train": c.config(seed=seed, shuffle_seed=self.spec.seed)
-                                 .to_dict(), "kind": kind, "fold": fold, "protocol": self.protocol}).encode())[:20]
+    def _key(self, task: str, name: str, c: Candidate, kind: str, fold: int, seed: int) -> str:
+        method = self.methods[name].method
+        label = {"label": name} if name != method else {}
+        return digest(canonical({"backbone": self.backbone_keys[name], "task": [task, self.task_ids[task]],
+                                 "method": method, **label, "options": c.options,
+                                 "train": c.config(seed=seed, shuffle_seed=self.spec.seed).to_dict(), "kind": kind,
+                                 "fold": fold, "protocol": self.protocol}).encode())[:20]
 
-    def trial(self, task: str, method: str, c: Candidate, kind: str, fold: int, seed: int) -> Trial:
-        return Trial(self._key(task, method, c, kind, fold, seed), task, method, kind, fold, seed, c.index,
-                     {"options": c.options, "train": c.config(seed=seed, shuffle_seed=self.spec.seed).to_dict(),
+    def trial(self, task: str, name: str, c: Candidate, kind: str, fold: int, seed: int) -> Trial:
+        """A trial of the method labelled ``name`` (its row in the tables; the method it runs is in its config)."""
+        return Trial(self._key(task, name, c, kind, fold, seed), task, name, kind, fold, seed, c.index,
+                     {"method": self.methods[name].method, "options": c.options,
+                      "train": c.config(seed=seed, shuffle_seed=self.spec.seed).to_dict(),
                       "group": self.sources[task].group, "source": self.sources[task].to_dict()})
 
     def selection_trials(self) -> list[Trial]:
@@ -129,16 +153,20 @@ class Plan:
 
     def unit(self, kind: str, task: str, items: list[dict[str, Any]], threads: int,
              progress: bool = False) -> dict[str, Any]:
+        """A unit of work on one backbone: the spec's (a cache; the methods that read it) or a method's own."""
+        own = next((i["label"] for i in items if self.own_backbone(i["label"])), None)
+        backbone = self.spec.backbone if own is None else self.methods[own].backbone(self.spec.backbone)
         return {"kind": kind, "task": task, "source": self.sources[task].to_dict(),
-                "num_classes": self.num_classes[task], "backbone": asdict(self.spec.backbone),
-                "cache": str(self.cache_dir(task)), "checkpoints": str(self.checkpoints(task)), "cache_dtype": self.spec.cache_dtype,
+                "num_classes": self.num_classes[task], "backbone": asdict(backbone),
+                "cache": str(self.cache_dir(task)) if own is None else None,
+                "checkpoints": str(self.checkpoints(task)), "cache_dtype": self.spec.cache_dtype,
                 "protocol": self.protocol, "items": items, "threads": threads, "progress": progress,
                 "blocks": list(self.reads[task][0]), "points": [p.to_dict() for p in self.reads[task][1]]}
 
 
 def _item(t: Trial) -> dict[str, Any]:
-    return {"key": t.key, "method": t.method, "options": t.config["options"], "train": t.config["train"],
-            "fold": t.fold}
+    return {"key": t.key, "label": t.method, "method": t.config["method"], "options": t.config["options"],
+            "train": t.config["train"], "fold": t.fold}
 
 
 def _groups(trials: list[Trial]) -> dict[tuple, list[Trial]]:
@@ -146,7 +174,7 @@ def _groups(trials: list[Trial]) -> dict[tuple, list[Trial]]:
     stream-method trial alone."""
     groups: dict[tuple, list[Trial]] = {}
     for t in trials:
-        method = get_method(t.method)
+        method = get_method(t.config["method"])
         if method.reads_taps:
             structure = canonical(method.config_class.from_dict(t.config["options"]).structure())
             groups.setdefault((t.task, t.method, structure), []).append(t)
@@ -167,11 +195,12 @@ def _stack_sizes(plan: Plan, groups: dict[tuple, list[Trial]], budget: int, most
     sizes = {}
     for key, trials in groups.items():
         t = trials[0]
-        if not get_method(t.method).reads_taps:
+        if not plan.reads_cache(t.method):
             continue
 
         def build(seed: int, t: Trial = t) -> TunedModel:
-            return TunedModel.build(backbone, t.method, plan.num_classes[t.task], t.config["options"], seed=seed)
+            return TunedModel.build(backbone, t.config["method"], plan.num_classes[t.task], t.config["options"],
+                                    seed=seed)
 
         served, notes = cached_splits(plan.cache_dir(t.task), build(0), {"pool": plan.sources[t.task].read().pool})
         if "pool" not in served:
@@ -208,6 +237,11 @@ def _say(*args: Any, **kwargs: Any) -> None:
 
 
 # -- executors ------------------------------------------------------------------------------------------------------
+
+def default_jobs() -> int:
+    """One worker per available core: small models are overhead-bound, and intra-op threads only contend."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
 
 def _init_worker(driver: int) -> None:
     import threading
@@ -277,8 +311,6 @@ def run_sweep(spec_path: str | Path, out: str | Path, executor: str = "local", j
         raise ConfigError(f"--max-stack must be >= 1 (got {max_stack})")
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs must be >= 1 (got {jobs})")
-    from .benchmark import default_jobs
-
     jobs = jobs or default_jobs()
     spec = load_spec(spec_path)
     out = Path(out)
@@ -295,7 +327,7 @@ def _run_sweep(spec: SweepSpec, out: Path, executor: str, jobs: int, address: st
     say = _say if progress else (lambda *a, **k: None)
     start = time.perf_counter()
 
-    side_tasks = [t for t in spec.tasks if any(get_method(m.name).reads_taps for m in spec.methods)]
+    side_tasks = [t for t in spec.tasks if any(plan.reads_cache(m.name) for m in spec.methods_on(t))]
     selection = plan.selection_trials()
     store.add(selection)
     store.register(plan.hash, spec.name, spec.path.read_text(), [t.key for t in selection])
@@ -321,11 +353,11 @@ def _run_sweep(spec: SweepSpec, out: Path, executor: str, jobs: int, address: st
                 say(f"  {unit['task']}: {what} ready ({time.perf_counter() - start:.0f} s)", flush=True)
                 continue
             done[0] += len(keys)
-            methods = ", ".join(sorted({i["method"] for i in unit["items"]}))
+            methods = ", ".join(sorted({i["label"] for i in unit["items"]}))
             say(f"  [{done[0]}/{total}] {unit['task']} {methods}: {what} of {len(keys)} trial(s) done "
                 f"({time.perf_counter() - start:.0f} s)", flush=True)
 
-    needs_cache = {t.task for t in todo if get_method(t.method).reads_taps}
+    needs_cache = {t.task for t in todo if plan.reads_cache(t.method)}
     run([plan.unit("cache", t, [], threads, progress) for t in side_tasks if t in needs_cache], "cache")
     groups = _groups(todo)
     sizes = _stack_sizes(plan, groups, memory_budget, max_stack) if memory_budget else {}
@@ -353,12 +385,13 @@ def _run_sweep(spec: SweepSpec, out: Path, executor: str, jobs: int, address: st
     store.register(plan.hash, spec.name, spec.path.read_text(), [t.key for t in finals])
     todo_finals = [t for t in finals if store.get(t.key).state != "done"]
     done[0] += len(finals) - len(todo_finals)
-    per_task: dict[str, list[Trial]] = {}
+    per_task: dict[tuple[str, str | None], list[Trial]] = {}  # per task and backbone: one test pass each
     for t in todo_finals:
-        per_task.setdefault(t.task, []).append(t)
-    final_caches = {t.task for t in todo_finals if get_method(t.method).reads_taps} - needs_cache
+        per_task.setdefault((t.task, t.method if plan.own_backbone(t.method) else None), []).append(t)
+    final_caches = {t.task for t in todo_finals if plan.reads_cache(t.method)} - needs_cache
     run([plan.unit("cache", t, [], threads, progress) for t in sorted(final_caches)], "cache")
-    units = [plan.unit("final", task, [_item(t) for t in ts], threads, progress) for task, ts in per_task.items()]
+    units = [plan.unit("final", task, [_item(t) for t in ts], threads, progress)
+             for (task, _), ts in per_task.items()]
     for u in units:
         store.mark([i["key"] for i in u["items"]], "running")
     run(units, "final runs and test")
@@ -428,7 +461,7 @@ def _train_batches(model, unit: dict[str, Any], listing):
     from ..data import ImageDataset
     from ..engine.loop import ImageBatches
 
-    if model.reads_taps:
+    if model.reads_taps and unit["cache"]:
         served, notes = cached_splits(unit["cache"], model, {"train": listing})
         if "train" in served:
             return served["train"]
@@ -465,7 +498,7 @@ def _select_unit(unit: dict[str, Any]) -> dict[str, Any]:
     weights = (~masks & (data.final_train | data.val)).float()
     batches = _train_batches(models[0], unit, data.pool)
     t0 = time.perf_counter()
-    tick = _ticker(unit, f"{items[0]['method']} selection x{len(items)}")
+    tick = _ticker(unit, f"{items[0]['label']} selection x{len(items)}")
     if models[0].reads_taps:
         fit_many(models, batches, cfgs, sample_weights=weights, on_epoch=tick and (lambda e, _: tick(e)))
         logits, labels = predict_many(models, batches, cfgs[0])
@@ -489,25 +522,26 @@ def _final_unit(unit: dict[str, Any]) -> dict[str, Any]:
     from ..engine.heads import predict_heads
     from ..engine.loop import ImageBatches, fit
     from ..engine.many import fit_many
+    from ..memory.step import step_memory
     from ..tuned import TunedModel
-    from .benchmark import step_memory
 
     backbone, data = _load(unit)
     # Few-shot tasks: final runs train on the k shots only (weight 0 on the pool's val samples).
     weight = None if bool(data.final_train.all()) else data.final_train.float()
     by_method: dict[str, list[dict[str, Any]]] = {}
     for i in unit["items"]:
-        by_method.setdefault(i["method"], []).append(i)
+        by_method.setdefault(i["label"], []).append(i)
     results: dict[str, dict[str, Any]] = {}
     trained: list[tuple[dict[str, Any], TunedModel]] = []
     measure = []
-    for method, items in by_method.items():
+    for items in by_method.values():
+        method = items[0]["method"]
         cfgs = [TrainConfig(**i["train"]) for i in items]
         models = [TunedModel.build(backbone, method, unit["num_classes"], i["options"], seed=c.seed)
                   for i, c in zip(items, cfgs)]
         batches = _train_batches(models[0], unit, data.pool)
         t0 = time.perf_counter()
-        tick = _ticker(unit, f"{method} final x{len(models)}")
+        tick = _ticker(unit, f"{items[0]['label']} final x{len(models)}")
         if models[0].reads_taps:
             fit_many(models, batches, cfgs, None if weight is None else weight.expand(len(models), -1),
                      on_epoch=tick and (lambda e, _: tick(e)))
@@ -532,7 +566,7 @@ def _final_unit(unit: dict[str, Any]) -> dict[str, Any]:
                                           "checkpoint": str(Path(unit["checkpoints"]) / i["key"])})
     # Memory last: measuring takes a training step, which changes the model it measures.
     for items, model, batches, batch_size in measure:
-        memory, kind = step_memory(model, batches, batch_size)
+        step = step_memory(model, batches, batch_size)
         for i in items:
-            results[i["key"]].update(memory_bytes=memory, memory_kind=kind)
+            results[i["key"]].update(memory_bytes=step.total, memory_kind=step.kind)
     return {"results": results, "test_read": True}
