@@ -228,6 +228,8 @@ SILENT_WRONG = {  # name: (what --train is made from, extra flags, what the one 
     "lr nan": (None, ["--lr", "nan"], "lr: expected a finite number, got nan"),
     "lr inf": (None, ["--lr", "inf"], "lr: expected a finite number, got inf"),
     "diverging loss": (None, ["--lr", "1e37", "--batch-size", "8"], "training diverged: the loss is"),
+    "lr overflowing the step": (None, ["--lr", "1e38", "--warmup-epochs", "0"],
+                                "the optimiser's step overflows float32 at epoch 1, step 1 (lr 1e+38"),
 }
 
 

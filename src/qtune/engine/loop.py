@@ -192,7 +192,15 @@ def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None
                                     f"(lr {cfg.lr:g}); {hint}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
+            try:
+                scaler.step(optimizer)
+            except RuntimeError as e:  # a step size beyond float32 (lr / Adam's bias correction, lr x decay)
+                if "without overflow" not in str(e):
+                    raise
+                bar.close()
+                raise TrainingError(f"training diverged: the optimiser's step overflows float32 at epoch {epoch + 1}, "
+                                    f"step {step + 1} (lr {cfg.lr:g}, weight_decay {cfg.weight_decay:g}); "
+                                    "lower --lr") from None
             scaler.update()
             step += 1
             scheduler.step_update(step)
