@@ -113,6 +113,25 @@ def test_console_script_exit_code_without_traceback(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "missing: data path not found" in proc.stderr
 
 
+@pytest.mark.parametrize("command", ["train", "memory"])
+def test_nothing_is_written_outside_out(command, shapes, tmp_path):
+    """matplotlib's font cache and torch's inductor folder do not land in the home or temp folders."""
+    import os
+
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir(), tmp.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR")}
+    argv = {"train": _train(shapes, tmp_path, method="linear"),
+            "memory": ["memory", *BACKBONE, "--methods", "linear", "--batch-size", "2", "--num-classes", "4",
+                       "--out", str(tmp_path / "run"), "--quiet"]}[command]  # --out: a plot, so matplotlib
+    proc = subprocess.run([sys.executable, "-m", "qtune.cli", *argv], capture_output=True, text=True,
+                          env={**env, "HOME": str(home), "TMPDIR": str(tmp)})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run").is_dir()
+    assert [p.relative_to(tmp_path) for p in sorted(home.rglob("*")) + sorted(tmp.rglob("*"))] == []
+
+
 def test_memory_writes_table_csv_json_png(tmp_path, capsys):
     import csv
     import json

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import csv
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -763,7 +766,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BACKEND_CACHES = ("MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR")
+
+
+@contextlib.contextmanager
+def _backend_caches():
+    """matplotlib's font cache and config folder and torch's inductor cache folder (made when timm is imported) go to
+    a temporary folder removed at the end, unless their variable is set: a run leaves nothing outside --out but what
+    the user asked for. Worker processes inherit the variables."""
+    unset = [v for v in BACKEND_CACHES if v not in os.environ]
+    if not unset:
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="qtune-caches-")
+    os.environ.update({v: os.path.join(folder, v.lower()) for v in unset})
+    try:
+        yield
+    finally:
+        for v in unset:
+            os.environ.pop(v, None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with _backend_caches():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a file or class name that is not UTF-8 is printed with \x escapes
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
