@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .backbones import demo_weights, load_backbone
+from .backbones import BackboneSpec, demo_weights
 from .data.offline import ALL_TASKS, OFFLINE_TASKS
 from .errors import ConfigError
 from .experiments.spec import toml_value
@@ -91,7 +91,7 @@ def run_demo(out: Path, methods: Sequence[str] = DEMO_METHODS, tasks: Sequence[s
         get_method(m)
     jobs = max(1, min(jobs or default_jobs(), len(tasks) * len(methods)))
     weights = demo_weights() if weights in (None, "demo") else Path(weights)
-    load_backbone(None, weights)  # a bad backbone fails here, before any work
+    BackboneSpec(weights=str(weights)).load()  # a bad backbone fails here, before any work
     out.mkdir(parents=True, exist_ok=True)
     spec = out / "spec.toml"
     write_text(spec, demo_spec(methods, tasks, weights, epochs, quick, cache_dtype))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,8 +17,8 @@ from .taps import Taps
 from .vit import Backbone, BackboneIdentity, QueryOutput
 from .weights import load_into, weights_hash
 
-__all__ = ["POINTS", "Backbone", "BackboneIdentity", "ConvNeXtBackbone", "Point", "QueryOutput", "StageBackbone",
-           "SwinBackbone", "Taps", "check_weights_source", "demo_weights", "load_backbone"]
+__all__ = ["POINTS", "Backbone", "BackboneIdentity", "BackboneSpec", "ConvNeXtBackbone", "Point", "QueryOutput",
+           "StageBackbone", "SwinBackbone", "Taps", "check_weights_source", "demo_weights", "load_backbone"]
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
@@ -112,3 +113,31 @@ def load_backbone(
     prep = Preprocessing.from_timm(data_config).override(**(preprocessing or {}))
     identity = BackboneIdentity(name, weights_hash(model), {k: v for k, v in model_args.items()})
     return (stage_backbone_class(model) or Backbone)(model, identity, prep)
+
+
+_SPEC_SPELLING = {"weights": 'weights = "FILE"', "pretrained": "pretrained = true", "random_init": "random_init = true"}
+
+
+@dataclass
+class BackboneSpec:
+    """A backbone as a run, a sweep spec or a checkpoint records it: what ``load`` builds."""
+
+    name: str | None = None
+    weights: str | None = None
+    pretrained: bool = False
+    model_args: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0
+    random_init: bool = False  # a named backbone without weights: random weights, only when asked for
+
+    def __post_init__(self) -> None:
+        for name in ("pretrained", "random_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        check_weights_source(self.name, self.weights, self.pretrained, self.random_init, _SPEC_SPELLING.get)
+        if self.weights == "demo":  # recorded as the real folder, so that checkpoints and caches point at it
+            self.weights = str(demo_weights())
+
+    def load(self) -> Backbone:
+        return load_backbone(self.name, self.weights, pretrained=self.pretrained, model_args=self.model_args,
+                             preprocessing=self.preprocessing, init_seed=self.init_seed)

@@ -1,4 +1,5 @@
-"""Serve a training run's splits from a cache when it matches, and say in one line why not when it does not."""
+"""Serve a training run's splits from a cache when it matches, and say in one line why not when it does not: the one
+place where a run's batches are chosen, cached or live (``batches_for``)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..backbones import Backbone, Point
-from ..data import Listing
+from ..data import ImageDataset, Listing
+from ..data.batches import ImageBatches
 from ..errors import CacheCorruptError, CacheError
 from ..tuned import TunedModel
 from .read import CachedBatches, TapCache
@@ -53,6 +55,17 @@ def cached_splits(path: str | Path, model: TunedModel, splits: Mapping[str, List
         except CacheError as e:
             notes.append(live(str(e), name))
     return served, notes
+
+
+def batches_for(model: TunedModel, cache: str | Path | None, listings: Mapping[str, Listing], *,
+                stream: bool = False, fallback: bool = False, num_workers: int = 0,
+                ) -> tuple[dict[str, CachedBatches | ImageBatches], list[str]]:
+    """Each split's batches for ``model``: read from ``cache`` where it serves them (``cached_splits``), decoded
+    images traced live otherwise; and a one-line note for each split a given cache did not serve."""
+    served, notes = cached_splits(cache, model, listings, stream, fallback) if cache else ({}, [])
+    transform = model.backbone.preprocessing.transform()
+    return {k: served[k] if k in served else ImageBatches(ImageDataset(v, transform), num_workers)
+            for k, v in listings.items()}, notes
 
 
 def what_is_read(backbone: Backbone, candidates: Iterable[tuple[str, dict[str, Any]]], num_classes: int,

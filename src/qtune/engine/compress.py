@@ -17,9 +17,11 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..methods.layers import vpt_head
+from ..data.batches import batch_indices
+from ..methods.base import inputs_of
 from ..tuned import TunedModel
 from .config import TrainConfig
-from .loop import Batches, batch_indices, epoch_order, optimizer_and_schedule, training_loss
+from .loop import Batches, epoch_order, optimizer_and_schedule, training_loss
 
 
 @torch.no_grad()
@@ -30,15 +32,11 @@ def classifier_inputs(model: TunedModel, batches: Batches, cfg: TrainConfig) -> 
         raise ConfigError(f"method {model.method.name!r} has no linear classifier of its own")
     device = cfg.resolved_device()
     model.to(device).eval()
-    got: list[torch.Tensor] = []
-    hook = classifier.register_forward_pre_hook(lambda _m, args: got.append(args[0].float().cpu()))
     labels = []
-    try:
+    with inputs_of(classifier, lambda x: x.float().cpu()) as got:
         for inputs, y in batches.iterate(list(range(len(batches))), cfg.batch_size, device):
             batches.forward(model, inputs)
             labels.append(y.cpu())
-    finally:
-        hook.remove()
     return torch.cat(got), torch.cat(labels)
 
 

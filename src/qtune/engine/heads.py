@@ -17,7 +17,8 @@ from ..backbones import Backbone
 from ..errors import ConfigError
 from ..tuned import TunedModel
 from .config import TrainConfig
-from .loop import ImageBatches, _autocast
+from ..data.batches import ImageBatches
+from .loop import _autocast
 from .many import ModelStack, stack_key
 
 

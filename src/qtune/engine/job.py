@@ -1,5 +1,5 @@
 """A complete training run: backbone + data + method + schedule -> a run folder with config, metrics, result
-and an adapter checkpoint. The CLI and the demo both go through here."""
+and an adapter checkpoint: what `qtune train` runs."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,41 +14,17 @@ from typing import Any
 
 import torch
 
-from ..backbones import Backbone, check_weights_source, demo_weights, load_backbone
-from ..data import ImageDataset, Listing, read_split
+from ..backbones import BackboneSpec
+from ..cache.use import batches_for
+from ..data import Listing, read_split
+from ..data.batches import ImageBatches
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..io import append_jsonl, exclusive_folder, write_csv, write_json, write_text
 from ..methods import get_method
 from ..tuned import TunedModel
 from .checkpoint import save_adapter
-from .loop import ImageBatches, TrainConfig, evaluate, fit, peak_memory
+from .loop import TrainConfig, evaluate, fit, peak_memory
 from .provenance import provenance
-
-
-_SPEC_SPELLING = {"weights": 'weights = "FILE"', "pretrained": "pretrained = true", "random_init": "random_init = true"}
-
-
-@dataclass
-class BackboneSpec:
-    name: str | None = None
-    weights: str | None = None
-    pretrained: bool = False
-    model_args: dict[str, Any] = field(default_factory=dict)
-    preprocessing: dict[str, Any] = field(default_factory=dict)
-    init_seed: int = 0
-    random_init: bool = False  # a named backbone without weights: random weights, only when asked for
-
-    def __post_init__(self) -> None:
-        for name in ("pretrained", "random_init"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
-        check_weights_source(self.name, self.weights, self.pretrained, self.random_init, _SPEC_SPELLING.get)
-        if self.weights == "demo":  # recorded as the real folder, so that checkpoints and caches point at it
-            self.weights = str(demo_weights())
-
-    def load(self) -> Backbone:
-        return load_backbone(self.name, self.weights, pretrained=self.pretrained, model_args=self.model_args,
-                             preprocessing=self.preprocessing, init_seed=self.init_seed)
 
 
 @dataclass
@@ -152,21 +128,14 @@ def _train_job(spec: JobSpec, out: Path, overwrite: bool, resume: bool, tensorbo
         raise ConfigError("--stream-blocks reads K/V from a cache: pass --cache DIR too")
     splits = spec.data.read()
     backbone = spec.backbone.load()
-    transform = backbone.preprocessing.transform()
-    datasets = {k: ImageBatches(ImageDataset(v, transform), spec.train.num_workers) for k, v in splits.items()}
     model = TunedModel.build(backbone, spec.method, len(splits["train"].classes), spec.method_config,
                              seed=spec.train.seed, own_backbone=True)
     method = model.method
-    cache_used: dict[str, bool] = {}
-    if spec.cache:
-        from ..cache import cached_splits
-
-        served, notes = cached_splits(spec.cache, model, splits, stream=spec.stream_blocks,
-                                      fallback=spec.cache_fallback)
-        for note in notes:
-            print(note)
-        datasets.update(served)
-        cache_used = {k: k in served for k in splits}
+    datasets, notes = batches_for(model, spec.cache, splits, stream=spec.stream_blocks, fallback=spec.cache_fallback,
+                                  num_workers=spec.train.num_workers)
+    for note in notes:
+        print(note)
+    cache_used = {k: not isinstance(b, ImageBatches) for k, b in datasets.items()} if spec.cache else {}
     if model.reads_taps and not spec.cache and spec.train.epochs > 1:
         print(f"qtune: {spec.method} reads only the frozen stream, traced here once per epoch ({spec.train.epochs} "
               f"passes); `qtune cache build --method {spec.method} ...` then --cache DIR trains from one pass")

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..data.batches import ImageBatches, batch_indices  # noqa: F401 - ImageBatches: also importable from here
 from ..errors import ConfigError, TrainingError
 from ..tuned import TunedModel
 from .config import TrainConfig
@@ -35,32 +35,6 @@ class Batches(Protocol):
         ...
 
     def forward(self, model: TunedModel, inputs: Any) -> torch.Tensor: ...
-
-
-class ImageBatches:
-    """Decoded images from a dataset; the model traces (or runs) the backbone on them."""
-
-    def __init__(self, dataset: Dataset, num_workers: int = 0):
-        self.dataset = dataset
-        self.num_workers = num_workers
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def labels(self) -> list[int]:
-        return self.dataset.listing.labels
-
-    def iterate(self, order: list[int], batch_size: int, device: torch.device) -> Iterator[tuple[Any, torch.Tensor]]:
-        chunks = batch_indices(order, batch_size)
-        # A private generator: iterating a DataLoader otherwise draws from the global RNG that dropout uses, and
-        # training would then depend on the batch source (live images vs a cache). No augmentation: nothing random.
-        loader = DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.num_workers,
-                            pin_memory=device.type == "cuda", generator=torch.Generator())
-        for images, labels, _ in loader:
-            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-    def forward(self, model: TunedModel, inputs: torch.Tensor) -> torch.Tensor:
-        return model(inputs)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -130,11 +104,6 @@ def training_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tens
         return F.cross_entropy(logits, labels)
     losses = F.cross_entropy(logits, labels, reduction="none")
     return (weight * losses).sum() / weight.sum().clamp_min(torch.finfo(losses.dtype).tiny)
-
-
-def batch_indices(order: list[int], batch_size: int) -> list[list[int]]:
-    """The sample indices of each batch of an epoch, as ``Batches.iterate`` cuts them."""
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None = None,

@@ -23,11 +23,12 @@ from torch import nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
+from ..data.batches import batch_indices
 from ..errors import ConfigError
 from ..methods.masks import per_model_generators
 from ..tuned import TunedModel
 from .config import TrainConfig
-from .loop import Batches, _autocast, batch_indices, epoch_order, optimizer_and_schedule, training_loss
+from .loop import Batches, _autocast, epoch_order, optimizer_and_schedule, training_loss
 
 # TrainConfig fields that every model of a stack must share: they decide which batches are read, and when.
 SHARED = ("epochs", "batch_size", "precision", "device", "num_workers")

@@ -51,10 +51,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..backbones import BackboneSpec
 from ..data.benchmarks import VTAB_TASKS
 from ..data.offline import ALL_TASKS
 from ..engine.config import TrainConfig
-from ..engine.job import BackboneSpec
 from ..errors import ConfigError
 from ..methods import get_method
 from .tasks import TaskSource, fgvc_sources

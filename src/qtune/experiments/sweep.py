@@ -427,7 +427,7 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load(unit: dict[str, Any]):
-    from ..engine.job import BackboneSpec
+    from ..backbones import BackboneSpec
 
     return BackboneSpec(**unit["backbone"]).load(), TaskSource(**unit["source"]).read()
 
@@ -457,16 +457,12 @@ def _ticker(unit: dict[str, Any], what: str, step: str = "epoch", every: float =
 
 
 def _train_batches(model, unit: dict[str, Any], listing):
-    from ..cache import cached_splits
-    from ..data import ImageDataset
-    from ..engine.loop import ImageBatches
+    from ..cache import batches_for
 
-    if model.reads_taps and unit["cache"]:
-        served, notes = cached_splits(unit["cache"], model, {"train": listing})
-        if "train" in served:
-            return served["train"]
+    batches, notes = batches_for(model, unit["cache"] if model.reads_taps else None, {"train": listing})
+    if notes:
         _say("\n".join(notes))
-    return ImageBatches(ImageDataset(listing, model.backbone.preprocessing.transform()))
+    return batches["train"]
 
 
 def _held_out(unit: dict[str, Any], data) -> "Any":
@@ -517,10 +513,11 @@ def _select_unit(unit: dict[str, Any]) -> dict[str, Any]:
 
 def _final_unit(unit: dict[str, Any]) -> dict[str, Any]:
     from ..data import ImageDataset
+    from ..data.batches import ImageBatches
     from ..engine.checkpoint import save_adapter
     from ..engine.config import TrainConfig
     from ..engine.heads import predict_heads
-    from ..engine.loop import ImageBatches, fit
+    from ..engine.loop import fit
     from ..engine.many import fit_many
     from ..memory.step import step_memory
     from ..tuned import TunedModel

@@ -1,10 +1,11 @@
 """The method contract: a config dataclass plus a module holding only the trainable part."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -178,3 +179,16 @@ class Method(nn.Module):
 
     def forward(self, inputs: Taps | torch.Tensor, backbone: Backbone) -> torch.Tensor:
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def inputs_of(module: nn.Module, read: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+              ) -> Iterator[list[torch.Tensor]]:
+    """``read`` of the first input of every call of ``module`` inside the block, in call order (a forward pre-hook,
+    removed on exit): what a method's classifier reads, for feature selection and plots."""
+    got: list[torch.Tensor] = []
+    hook = module.register_forward_pre_hook(lambda _m, args: got.append(read(args[0])))
+    try:
+        yield got
+    finally:
+        hook.remove()

@@ -2,6 +2,7 @@
 per-sample feature weights (Fig. 7). Plots are matplotlib PNGs; t-SNE is scikit-learn's."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Sequence
 
@@ -9,8 +10,9 @@ import numpy as np
 import torch
 
 from ..data import ImageDataset, Listing
-from ..engine.loop import ImageBatches
+from ..data.batches import ImageBatches
 from ..io import atomic_write
+from ..methods.base import inputs_of
 from ..tuned import TunedModel
 
 
@@ -23,25 +25,20 @@ def head_inputs(model: TunedModel, listing: Listing, batch_size: int = 64, limit
     listing = Listing(listing.root, listing.samples[:limit], listing.classes, listing.source)
     images = ImageBatches(ImageDataset(listing, model.backbone.preprocessing.transform()))
     model.eval()
-    got: dict[str, list[torch.Tensor]] = {"head": [], "weights": []}
-    hooks = [model.method.classifier().register_forward_pre_hook(lambda _m, a: got["head"].append(a[0]))]
     head = getattr(model.method, "head", None)
-    if hasattr(head, "mix"):  # SynQT's conditional head
-        hooks.append(head.register_forward_pre_hook(lambda m, a: got["weights"].append(m.mix(a[0])[1])))
     pooled, labels = [], []
-    try:
+    with contextlib.ExitStack() as hooks:
+        got = hooks.enter_context(inputs_of(model.method.classifier()))
+        # SynQT's conditional head: its per-sample feature weights
+        weights = hooks.enter_context(inputs_of(head, lambda x: head.mix(x)[1])) if hasattr(head, "mix") else []
         for x, y in images.iterate(list(range(len(listing.samples))), batch_size, torch.device("cpu")):
             taps = model.trace(x)
             model.forward_taps(taps)
             pooled.append(taps.pooled)
             labels.append(y)
-    finally:
-        for h in hooks:
-            h.remove()
-    out = {"pooled": torch.cat(pooled).numpy(), "head": torch.cat(got["head"]).numpy(),
-           "labels": torch.cat(labels).numpy()}
-    if got["weights"]:
-        out["weights"] = torch.cat(got["weights"]).numpy()
+    out = {"pooled": torch.cat(pooled).numpy(), "head": torch.cat(got).numpy(), "labels": torch.cat(labels).numpy()}
+    if weights:
+        out["weights"] = torch.cat(weights).numpy()
     return out
 
 
