@@ -65,8 +65,8 @@ class Adapter(StreamMethod):
         cfg = self.config
         for i in self.trainable_range:
             blk = backbone.model.blocks[i]
+            def adapter(base: nn.Module) -> nn.Module:
+                return SequentialAdapter(base, backbone.dim, cfg.bottleneck, cfg.activation)
             if cfg.placement == "houlsby":
-                blk.attn.proj = SequentialAdapter(blk.attn.proj, backbone.dim, cfg.bottleneck, cfg.activation)
-                self.wrapped.append(blk.attn.proj)
-            blk.mlp = SequentialAdapter(blk.mlp, backbone.dim, cfg.bottleneck, cfg.activation)
-            self.wrapped.append(blk.mlp)
+                self.wrap(blk.attn, "proj", adapter)
+            self.wrap(blk, "mlp", adapter)

@@ -66,6 +66,5 @@ class AdaptFormer(StreamMethod):
     def inject(self, backbone: Backbone) -> None:
         for i in self.trainable_range:
             blk = backbone.model.blocks[i]
-            blk.mlp = ParallelAdapter(blk.mlp, blk.norm2, backbone.dim, self.config)
+            self.wrap(blk, "mlp", lambda base: ParallelAdapter(base, blk.norm2, backbone.dim, self.config))
             blk.norm2 = nn.Identity()
-            self.wrapped.append(blk.mlp)

@@ -114,6 +114,14 @@ class StreamMethod(Method):
         self.head = self.make_head(backbone.dim, num_classes) if head else None
         self.wrapped: list[nn.Module] = []
 
+    def wrap(self, parent: nn.Module, attr: str, make: Callable[[nn.Module], nn.Module]) -> nn.Module:
+        """Replace ``parent.attr`` by ``make(parent.attr)`` (a wrapper holding it as ``base_layer``), listed in
+        ``wrapped`` so that its mode follows the method's; returns the wrapper."""
+        wrapper = make(getattr(parent, attr))
+        setattr(parent, attr, wrapper)
+        self.wrapped.append(wrapper)
+        return wrapper
+
     @property
     def trainable_range(self) -> range:
         """The blocks that hold trainable structures: the top ``trainable_blocks`` (all by default)."""

@@ -127,8 +127,7 @@ class FacTTT(StreamMethod):
             blk = backbone.model.blocks[i]
             attn, mlp = blk.attn, blk.mlp
             chunks = mlp.fc1.out_features // backbone.dim
-            attn.qkv = FacTQKV(attn.qkv, self.factors, rank)
-            attn.proj = FacTLinear(attn.proj, self.factors, nn.Linear(rank, rank, bias=False))
-            mlp.fc1 = FacTFc1(mlp.fc1, self.factors, rank, chunks)
-            mlp.fc2 = FacTFc2(mlp.fc2, self.factors, rank, chunks)
-            self.wrapped += [attn.qkv, attn.proj, mlp.fc1, mlp.fc2]
+            self.wrap(attn, "qkv", lambda base: FacTQKV(base, self.factors, rank))
+            self.wrap(attn, "proj", lambda base: FacTLinear(base, self.factors, nn.Linear(rank, rank, bias=False)))
+            self.wrap(mlp, "fc1", lambda base: FacTFc1(base, self.factors, rank, chunks))
+            self.wrap(mlp, "fc2", lambda base: FacTFc2(base, self.factors, rank, chunks))
