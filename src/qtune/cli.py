@@ -715,8 +715,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, help="worker processes, one torch thread each (default: one per core)")
     p.add_argument("--cache-dtype", choices=("fp32", "fp16", "bf16"), default="fp16",
                    help="storage of the per-task K/V caches (default fp16: half the disk; fp32 trains exactly as live)")
-    p.add_argument("--keep-caches", action="store_true", help="keep the per-task caches in OUT/cache (deleted at "
-                                                               "the end of each task otherwise)")
+    p.add_argument("--keep-caches", action="store_true", help="keep the per-task caches in OUT/cache (deleted when "
+                                                               "the demo ends otherwise)")
     p.add_argument("--quick", action="store_true", help="fewer epochs and test images")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in --out")
     p.add_argument("--quiet", action="store_true")

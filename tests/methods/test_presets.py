@@ -1,4 +1,4 @@
-"""The papers' per-task presets: every VTAB-1k task has one per method, values as in METHODS.md, CLI precedence."""
+"""The papers' per-task presets: every VTAB-1k task has one per method, values as in docs/methods.md, CLI precedence."""
 import pytest
 
 from qtune.cli import _method_and_config, build_parser

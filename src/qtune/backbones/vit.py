@@ -24,7 +24,7 @@ _ATTN_PARTS = ("qkv", "proj", "num_heads", "head_dim", "scale", "q_norm", "k_nor
 
 
 class QueryOutput(NamedTuple):
-    """What query tokens give in one frozen block (METHODS.md, KEM): A_i, M_i and H_i = T_i + A_i + M_i."""
+    """What query tokens give in one frozen block (docs/methods.md, KEM): A_i, M_i and H_i = T_i + A_i + M_i."""
 
     attn: torch.Tensor
     mlp: torch.Tensor

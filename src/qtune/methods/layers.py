@@ -10,7 +10,7 @@ from .masks import Dropout
 
 
 class Adapter(nn.Module):
-    """Residual bottleneck x + dropout(fc2(dropout(gelu(fc1(x))))), the "Adapter(r)" of METHODS.md.
+    """Residual bottleneck x + dropout(fc2(dropout(gelu(fc1(x))))), the "Adapter(r)" of docs/methods.md.
 
     The same dropout module acts twice, after the activation and after fc2, as in the SynQT authors' ``Mlp``.
     """

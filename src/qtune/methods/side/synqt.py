@@ -4,7 +4,7 @@ Transformer: A Disentangled Approach", arXiv 2407.06964).
 A query synthesis module (QSM) writes task-specific queries per block from learnable prompts and the previous
 block's knowledge; the frozen blocks act query-only as knowledge extraction modules (KEM, Backbone.query_block);
 a conditional head aggregates the 3L+1 extracted features. The stream is never back-propagated through.
-Where the authors' code and the paper differ, METHODS.md says which we follow; parameters the authors create but
+Where the authors' code and the paper differ, docs/methods.md says which we follow; parameters the authors create but
 never use (per-block pre-norms, an unused aggregation weight) are not created here.
 """
 from __future__ import annotations
