@@ -224,6 +224,10 @@ def test_methods_command_lists_every_method_with_its_count(capsys):
     ("vpt_deep", ["trainable_blocks=9"], "trainable_blocks must be in 1..3"),
     ("lora", ["rank=0"], "rank must be > 0"),
     ("vpt_deep+lora", [], "both change the stream and conflict"),
+    ("vpt_deep+synqt", ["vpt_deep.tokens=abc"], "option vpt_deep.tokens: 'abc' is not a valid int"),
+    ("vpt_deep+synqt", ["synqt.tokens=0"], "synqt.tokens must be > 0 (got 0)"),
+    ("vpt_deep+synqt", ["vpt_deep.trainable_blocks=9"], "vpt_deep.trainable_blocks must be in 1..3"),
+    ("vpt_deep+synqt", ["vpt_deep.nope=1"], "unknown option(s) vpt_deep.nope (known: vpt_deep.trainable_blocks,"),
 ])
 def test_command_line_errors_are_one_line(shapes, tmp_path, capsys, method, options, message):
     from qtune.cli import main

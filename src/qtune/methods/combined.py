@@ -12,6 +12,7 @@ part has may be given bare.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -19,7 +20,7 @@ import torch
 
 from ..backbones import Backbone, Taps
 from ..errors import ConfigError
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, _typed
 from .stream.core import StreamMethod
 
 REGISTERED = (("vpt_deep", "synqt"), ("adaptformer", "synqt"), ("vpt_deep", "vqt"), ("adaptformer", "vqt"))
@@ -63,7 +64,29 @@ class CombinedConfig(MethodConfig):
     def from_dict(cls, d: dict[str, Any]) -> "CombinedConfig":
         routed = cls._route(list(d.items()))
         (s_name, s_cls), (q_name, q_cls) = cls.parts
-        return cls(stream=s_cls.from_dict(dict(routed[s_name])), side=q_cls.from_dict(dict(routed[q_name])))
+        return cls(stream=cls._part(s_name, s_cls, routed[s_name]), side=cls._part(q_name, q_cls, routed[q_name]))
+
+    @staticmethod
+    def _part(name: str, config_cls: type[MethodConfig], items: list[tuple[str, Any]]) -> MethodConfig:
+        """One part's config; an error names the option as given, ``<part>.<option>``."""
+        known = [f.name for f in dataclasses.fields(config_cls)]
+        unknown = sorted({k for k, _ in items} - set(known))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(f'{name}.{k}' for k in unknown)} "
+                              f"(known: {', '.join(f'{name}.{k}' for k in known)})")
+        hints = typing.get_type_hints(config_cls)
+        typed = {k: _typed(v, hints[k], f"{name}.{k}") for k, v in items}
+        try:
+            return config_cls.from_dict(typed)
+        except ConfigError as e:
+            raise _in_part(name, config_cls, e) from None
+
+
+def _in_part(name: str, config_cls: type[MethodConfig], e: ConfigError) -> ConfigError:
+    """A part's range check, which names its option bare, naming it as given: ``<part>.<option>``."""
+    first = str(e).split(" ", 1)[0]
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    return ConfigError(f"{name}.{e}" if first in known else f"{name}: {e}")
 
 
 class Combined(Method):
@@ -75,8 +98,15 @@ class Combined(Method):
 
     def __init__(self, config: CombinedConfig, backbone: Backbone, num_classes: int):
         super().__init__(config, backbone, num_classes)
-        self.stream_method = self.stream_class(config.stream, backbone, num_classes, head=False)
-        self.side_method = self.side_class(config.side, backbone, num_classes)
+        (s_name, s_cls), (q_name, q_cls) = config.parts
+        try:  # a check against the backbone (trainable_blocks in range, ...) names the part
+            self.stream_method = self.stream_class(config.stream, backbone, num_classes, head=False)
+        except ConfigError as e:
+            raise _in_part(s_name, s_cls, e) from None
+        try:
+            self.side_method = self.side_class(config.side, backbone, num_classes)
+        except ConfigError as e:
+            raise _in_part(q_name, q_cls, e) from None
 
     def attach(self, backbone: Backbone) -> None:
         self.stream_method.attach(backbone)
