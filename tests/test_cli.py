@@ -203,6 +203,8 @@ BAD_INPUTS = [  # (argv after the fixtures are substituted, what the one line mu
     (["cache", "build", "--backbone", TINY_NAME, "--data", "{test}", "--out", "{tmp}/cache"],
      f"backbone '{TINY_NAME}' has no weights"),
     (["train", "{base}", "--weights", "demo"], "--random-init conflicts with --weights"),
+    (["eval", "--checkpoint", "{ckpt}", "--data", "{test}", "--weights", "demo"],
+     f"checkpoint: trained on {TINY_NAME} (no weights file: random or hub weights, weights hash "),
 ]
 
 

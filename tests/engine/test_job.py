@@ -52,8 +52,11 @@ def test_checkpoint_round_trip_and_identity_check(shapes, tmp_path):
     torch.testing.assert_close(first, again, rtol=0, atol=0)
 
     other = load_backbone(TINY_NAME, model_args=TINY, init_seed=3)
-    with pytest.raises(CheckpointError, match="trained on another backbone: backbone weights changed"):
-        load_adapter(tmp_path / "run" / "checkpoint", other)
+    with pytest.raises(CheckpointError) as e:  # both backbones named: where the weights came from, their hashes
+        load_adapter(tmp_path / "run" / "checkpoint", other, "other.pth")
+    assert (f"trained on another backbone: {TINY_NAME} (no weights file: random or hub weights, weights hash "
+            f"{backbone.identity.weights_hash[:12]}), given {TINY_NAME} (other.pth, weights hash "
+            f"{other.identity.weights_hash[:12]})") in str(e.value)
 
 
 def test_schedule_warms_up_from_zero_and_ends_at_min_lr(shapes, tmp_path):

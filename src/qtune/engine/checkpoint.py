@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from ..backbones import Backbone
 from ..backbones.vit import identity_difference
-from ..errors import CheckpointError
+from ..errors import CheckpointError, WeightsError
 from ..io import atomic_write, file_sha256, write_json
 from ..tuned import TunedModel
 
@@ -54,13 +54,24 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
     return cfg
 
 
-def load_adapter(directory: Path, backbone: Backbone) -> tuple[TunedModel, dict[str, Any]]:
-    """Rebuild the tuned model from ``directory`` on ``backbone``, after checking it is the same backbone."""
+def _described(identity: dict[str, Any], weights: str | None) -> str:
+    """A backbone in words: name, where its weights came from, their hash."""
+    return (f"{identity['name']} ({weights or 'no weights file: random or hub weights'}, "
+            f"weights hash {identity['weights_hash'][:12]})")
+
+
+def load_adapter(directory: Path, backbone: Backbone, weights: str | Path | None = None
+                 ) -> tuple[TunedModel, dict[str, Any]]:
+    """Rebuild the tuned model from ``directory`` on ``backbone``, after checking it is the same backbone.
+    ``weights``: the file ``backbone`` was loaded from, named in the error if it is another backbone."""
     directory = Path(directory)
     cfg = read_adapter_config(directory)
     diff = identity_difference(cfg["backbone"], backbone.identity.to_dict(), "in training")
     if diff:
-        raise CheckpointError(f"{directory}: trained on another backbone: {diff}")
+        was = _described(cfg["backbone"], cfg.get("backbone_weights"))
+        now = _described(backbone.identity.to_dict(), str(weights) if weights else None)
+        detail = f"; {diff}" if was == now else ""  # e.g. only the model arguments differ
+        raise CheckpointError(f"{directory}: trained on another backbone: {was}, given {now}{detail}")
     model = TunedModel.build(backbone, cfg["method"], cfg["num_classes"], cfg["method_config"], own_backbone=True)
     if not (directory / TENSORS).is_file():
         raise CheckpointError(f"{directory / TENSORS}: not found")
@@ -91,11 +102,16 @@ def load_checkpoints(paths: Sequence[str | Path], weights: str | Path | None = N
 
     first = read_adapter_config(Path(paths[0]))
     bb = first["backbone"]
-    backbone = load_backbone(bb["name"], weights or first.get("backbone_weights"), model_args=bb["model_args"],
-                             preprocessing=first.get("preprocessing"))
+    weights = weights or first.get("backbone_weights")
+    try:
+        backbone = load_backbone(bb["name"], weights, model_args=bb["model_args"],
+                                 preprocessing=first.get("preprocessing"))
+    except WeightsError as e:  # e.g. weights of another architecture: say which backbone the checkpoint needs
+        raise CheckpointError(f"{paths[0]}: trained on {_described(bb, first.get('backbone_weights'))}; the "
+                              f"weights given do not load into it: {e}") from None
     pristine = copy.deepcopy(backbone)
     loaded = []
     for path in paths:
         side = get_method(read_adapter_config(Path(path))["method"]).reads_taps
-        loaded.append(load_adapter(Path(path), backbone if side else copy.deepcopy(pristine)))
+        loaded.append(load_adapter(Path(path), backbone if side else copy.deepcopy(pristine), weights))
     return backbone, loaded
