@@ -409,8 +409,22 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                               progress=not args.quiet)
     except TrialsFailedError as e:  # the trials that did finish are still reported
         write_report(Path(args.out), spec_hash=e.spec_hash)
+        _say_cache_size(Path(args.out) / "cache")
         raise
     write_report(Path(args.out), spec_hash=spec_hash)
+    _say_cache_size(Path(args.out) / "cache")
+
+
+def _say_cache_size(caches: Path) -> None:
+    """The caches are kept (a rerun or an extended spec reads them again); what they hold, and how to free it."""
+    import shlex
+
+    from .memory.units import format_bytes
+
+    size = sum(f.stat().st_size for f in caches.rglob("*") if f.is_file()) if caches.is_dir() else 0
+    if size:
+        print(f"the caches hold {format_bytes(size)} in {caches}, kept for a rerun or an extended spec; "
+              f"`rm -r {shlex.quote(str(caches))}` deletes them")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -153,7 +153,7 @@ def test_a_spec_listing_the_grid_in_another_order_reuses_trials_and_chooses_the_
     assert second.accuracy == first.accuracy
 
 
-def test_sigkilled_sweep_resumes_to_the_same_table(task, tmp_path):
+def test_sigkilled_sweep_resumes_to_the_same_table(task, tmp_path, capsys):
     spec = write_spec(tmp_path / "s.toml", task)
     whole = tmp_path / "whole"
     run_sweep(spec, whole, jobs=1, progress=False)
@@ -171,6 +171,8 @@ def test_sigkilled_sweep_resumes_to_the_same_table(task, tmp_path):
     assert "done" in states and set(states) != {"done"}
     assert main(["sweep", str(spec), "--out", str(out), "--jobs", "1", "--quiet"]) == 0
     assert accuracies(out) and accuracies(out) == accuracies(whole)
+    said = capsys.readouterr().out  # at the end: the disk the caches take, and how to free it
+    assert "the caches hold " in said and f"`rm -r {out / 'cache'}` deletes them" in said
 
 
 def test_specs_with_other_backbones_share_an_output_folder(task, tmp_path):
