@@ -107,7 +107,13 @@ def test_sweep_runs_the_protocol_and_reports(task, tmp_path):
         assert {t.candidate for t in finals if t.method == method} == {best}
     store.close()
     assert all(Path(t.metrics["checkpoint"], "adapter.safetensors").is_file() for t in finals)
+    # memory compares at one batch size (64, or the whole 32-image task), the recipe's own batch (8) kept beside it
+    assert {(t.metrics["memory_batch_size"], t.metrics["recipe_batch_size"]) for t in finals} == {(32, 8)}
+    assert all(t.metrics["recipe_memory_bytes"] < t.memory_bytes for t in finals if t.method != "linear")
     write_report(tmp_path / "run", figures=True)
+    assert "memory / step at batch 32" in (tmp_path / "run" / "report" / "table.md").read_text()
+    rows = json.loads((tmp_path / "run" / "report" / "results.json").read_text())
+    assert all(r["hparams"]["recipe_batch_size"] == 8 for r in rows)
     for name in ("table.md", "table.txt", "summary.csv", "summary.json", "chosen.md", "accuracy_vs_memory.png",
                  "tsne-shapes4.png"):
         assert (tmp_path / "run" / "report" / name).is_file()

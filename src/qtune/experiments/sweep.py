@@ -519,7 +519,7 @@ def _final_unit(unit: dict[str, Any]) -> dict[str, Any]:
     from ..engine.heads import predict_heads
     from ..engine.loop import fit
     from ..engine.many import fit_many
-    from ..memory.step import step_memory
+    from ..memory.step import COMPARED_BATCH, step_memory
     from ..tuned import TunedModel
 
     backbone, data = _load(unit)
@@ -561,9 +561,14 @@ def _final_unit(unit: dict[str, Any]) -> dict[str, Any]:
         results[i["key"]].update(metric=(out.argmax(-1) == labels).float().mean().item(),
                                  metrics={"test_images": len(labels), "test_evaluations": 1,
                                           "checkpoint": str(Path(unit["checkpoints"]) / i["key"])})
-    # Memory last: measuring takes a training step, which changes the model it measures.
+    # Memory last: measuring takes a training step, which changes the model it measures. Methods compare at one
+    # batch size; the recipe's own batch is kept beside it.
     for items, model, batches, batch_size in measure:
-        step = step_memory(model, batches, batch_size)
+        compared, own_batch = (min(b, len(batches)) for b in (COMPARED_BATCH, batch_size))  # a task may be smaller
+        step = step_memory(model, batches, compared)
+        own = step if own_batch == compared else step_memory(model, batches, own_batch)
         for i in items:
             results[i["key"]].update(memory_bytes=step.total, memory_kind=step.kind)
+            results[i["key"]]["metrics"].update(memory_batch_size=compared, recipe_batch_size=own_batch,
+                                                recipe_memory_bytes=own.total)
     return {"results": results, "test_read": True}

@@ -9,6 +9,10 @@ from torch import nn
 
 from .account import StepMemory, measure_step
 
+# Reports compare methods' training memory at one batch size, the papers' tables' (each recipe's own batch differs:
+# VQT trains at 128, the others at 64).
+COMPARED_BATCH = 64
+
 
 def batch_tensors(inputs: Any) -> list[torch.Tensor]:
     """The tensors a batch holds: images, or taps (K/V, pooled feature, block points)."""

@@ -71,7 +71,9 @@ def sweep_rows(store: Store, spec_hash: str) -> tuple[list[ResultRow], list[dict
         accs = [t.metric for t in finals]
         hparams = {"chosen": setting, "selection_accuracy": mean(cv) if cv else None,
                    "seeds": [t.seed for t in finals], "seed_accuracies": accs, "std": pstdev(accs),
-                   "source": chosen.config.get("source")}
+                   "source": chosen.config.get("source"),
+                   **{k: chosen.metrics[k] for k in ("memory_batch_size", "recipe_batch_size", "recipe_memory_bytes")
+                      if k in (chosen.metrics or {})}}
         group = chosen.config.get("group") or (ALL_TASKS[task].group if task in ALL_TASKS else "other")
         rows.append(ResultRow(method, task, group, mean(accs), chosen.trainable_parameters or 0,
                               chosen.memory_bytes or 0, chosen.memory_kind or "", mean(t.seconds or 0 for t in finals),
@@ -209,13 +211,15 @@ def _vtab_table(out: Path, rows: list[ResultRow], title: str, quiet: bool) -> li
     tasks = _task_order([r.task for r in rows], group_of)
     groups = [g for g in (*VTAB_GROUPS, "other") if g in group_of.values()]
     summary = benchmark_table(rows, groups, {t: group_of[t] for t in tasks})
-    text = format_table(summary, tasks, groups)
-    write_results(out, rows, summary, text, format_markdown(summary, tasks, groups))
+    batches = {r.hparams.get("memory_batch_size") for r in rows}
+    batch = batches.pop() if len(batches) == 1 else None  # one stated batch size, or none where rows differ
+    text = format_table(summary, tasks, groups, batch)
+    write_results(out, rows, summary, text, format_markdown(summary, tasks, groups, batch))
     kinds = sorted({r.memory_kind for r in rows if r.memory_kind})
     chance = None
     if all(t in ALL_TASKS for t in tasks):
         chance = mean(mean(1 / ALL_TASKS[t].num_classes for t in tasks if group_of[t] == g) for g in groups)
-    plot_accuracy_vs_memory(out, summary, ", ".join(kinds), title, chance)
+    plot_accuracy_vs_memory(out, summary, ", ".join(kinds), title, chance, batch)
     if not quiet:
         print("\n" + text)
     return summary

@@ -52,14 +52,15 @@ def benchmark_table(rows: Sequence[ResultRow], groups: Sequence[str],
     return out
 
 
-def format_table(summary: list[dict], tasks: Sequence[str], groups: Sequence[str]) -> str:
-    """A fixed-width text table, accuracies in percent."""
+def format_table(summary: list[dict], tasks: Sequence[str], groups: Sequence[str], memory_batch: int | None = None
+                 ) -> str:
+    """A fixed-width text table, accuracies in percent; ``memory_batch``: the batch size memory was measured at."""
     cols = [*tasks, *(f"mean_{g}" for g in groups), "mean_of_groups"]
     heads = [*tasks, *groups, "mean of groups"]
     widths = [max(7, len(h)) for h in heads]
     name = max(8, *(len(s["method"]) for s in summary))
     lines = ["method".ljust(name) + " " + " ".join(h.rjust(w) for h, w in zip(heads, widths))
-             + "     params   memory  seconds"]
+             + "     params   memory  seconds" + (f"  (memory: one step at batch {memory_batch})" if memory_batch else "")]
     for s in summary:
         accs = " ".join(f"{100 * s[c]:.1f}".rjust(w) if c in s else "-".rjust(w) for c, w in zip(cols, widths))
         lines.append(f"{s['method']:<{name}} {accs} {s['trainable_parameters']:>10,} "
@@ -67,10 +68,12 @@ def format_table(summary: list[dict], tasks: Sequence[str], groups: Sequence[str
     return "\n".join(lines)
 
 
-def format_markdown(summary: list[dict], tasks: Sequence[str], groups: Sequence[str]) -> str:
+def format_markdown(summary: list[dict], tasks: Sequence[str], groups: Sequence[str], memory_batch: int | None = None
+                    ) -> str:
     """The same table in Markdown (for docs): top-1 (%), group means in bold, parameters, memory, seconds."""
     cols = [*tasks, *(f"mean_{g}" for g in groups), "mean_of_groups"]
-    head = ["method", *tasks, *groups, "mean of groups", "trainable params", "memory / step", "train s"]
+    memory = f"memory / step at batch {memory_batch}" if memory_batch else "memory / step"
+    head = ["method", *tasks, *groups, "mean of groups", "trainable params", memory, "train s"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "--:|" * (len(head) - 1)]
     for s in summary:
         accs = [(f"{100 * s[c]:.1f}" if c in s else "-") for c in cols]
@@ -91,7 +94,7 @@ def write_results(out: Path, rows: Sequence[ResultRow], summary: list[dict], tex
 
 
 def plot_accuracy_vs_memory(out: Path, summary: list[dict], memory_label: str, title: str = "",
-                            chance: float | None = None) -> Path:
+                            chance: float | None = None, memory_batch: int | None = None) -> Path:
     """PNG scatter of mean accuracy against training memory, one labelled point per method; ``chance`` (a fraction)
     is drawn as a dashed line."""
     import matplotlib
@@ -114,7 +117,8 @@ def plot_accuracy_vs_memory(out: Path, summary: list[dict], memory_label: str, t
         ax.set_xlim(0, max(xs) * 1.35)
         ax.set_ylim(max(0.0, min(ys) - 5), min(100.0, max(ys) + 5))
     ax.set_title(title or "accuracy against training memory", fontsize=9)
-    ax.set_xlabel(f"training memory per step (MiB, {memory_label})")
+    at = f" at batch {memory_batch}" if memory_batch else ""
+    ax.set_xlabel(f"training memory per step{at} (MiB, {memory_label})")
     ax.set_ylabel("mean of group means, top-1 (%)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
