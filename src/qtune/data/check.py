@@ -62,7 +62,11 @@ def check_dataset(path: str | Path) -> CheckReport:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: data path not found")
-    layout, splits = _splits(path)
+    return inspect_splits(path, *_splits(path))
+
+
+def inspect_splits(path: Path, layout: str, splits: dict[str, Listing]) -> CheckReport:
+    """Count classes, images per split and class, and decode every image once (each file once)."""
     report = CheckReport(path, layout, tuple(next(iter(splits.values())).classes))
     unreadable: list[str] = []
     seen: set[Path] = set()
@@ -134,8 +138,9 @@ def check_vtab(path: str | Path) -> list[str]:
     lines, failures = [], []
     for task_dir in vtab_folders(path):
         try:
-            report = check_dataset(task_dir)
-            problems = vtab_problems(task_dir, read_vtab(task_dir))
+            splits = read_vtab(task_dir)
+            report = inspect_splits(task_dir, "VTAB-1k task", splits)
+            problems = vtab_problems(task_dir, splits)
         except DataError as e:
             problems = [str(e)]
         if problems:

@@ -16,27 +16,21 @@ from ...errors import ConfigError, DataError
 from ..benchmarks import FGVC_SEEDS, FGVC_SHOTS, FGVC_TASKS
 from . import raw
 from .raw import Item, Pool
-from .write import _generator, _place, order
+from .write import generator, order, place
 
 VAL_FRACTION = 0.2
 
 
 def _aircraft(root: Path, download: bool) -> Pool:
-    expected = "fgvc-aircraft-2013b/data/images/*.jpg and its images_variant_{train,val,test}.txt"
-    pool = {}
-    for split in ("train", "val", "test"):
-        ds = raw._torchvision("FGVCAircraft", root, download, expected, split=split, annotation_level="variant")
-        pool[split] = raw._files(ds._image_files, ds._labels, root / "fgvc-aircraft-2013b")
-    return pool
+    return raw.file_splits("FGVCAircraft", root, download, "fgvc-aircraft-2013b/data/images/*.jpg and its "
+                           "images_variant_{train,val,test}.txt", root / "fgvc-aircraft-2013b",
+                           {"train": "train", "val": "val", "test": "test"}, annotation_level="variant")
 
 
 def _food101(root: Path, download: bool) -> Pool:
-    expected = "food-101/images/<class>/*.jpg and food-101/meta/{train,test}.json"
-    items = []
-    for split in ("train", "test"):
-        ds = raw._torchvision("Food101", root, download, expected, split=split)
-        items += raw._files(ds._image_files, ds._labels, root / "food-101")
-    return {"all": items}
+    pool = raw.file_splits("Food101", root, download, "food-101/images/<class>/*.jpg and food-101/meta/"
+                           "{train,test}.json", root / "food-101", {"train": "train", "test": "test"})
+    return {"all": pool["train"] + pool["test"]}
 
 
 def _cars(root: Path, download: bool) -> Pool:
@@ -95,7 +89,7 @@ def split_per_class(items: list[Item], fractions: tuple[float, ...]) -> list[lis
 
 def draw_shots(train: list[Item], shots: tuple[int, ...], seed: int) -> dict[int, list[Item]]:
     """k images per class for each k in ``shots``, nested; a class with fewer than k images is an error."""
-    rng = _generator(seed, "shots")
+    rng = generator(seed, "shots")
     classes = _by_class(sorted(train, key=lambda it: it.key))
     short = [f"class {c} ({len(v)})" for c, v in classes.items() if len(v) < max(shots)]
     if short:
@@ -137,7 +131,7 @@ def prepare_fgvc(names: list[str], out: Path, root: Path, shots: tuple[int, ...]
         unique = {it.key: it for items in lists.values() for it in items}
         for it in unique.values():
             if not (folder / "images" / it.key).is_file():
-                _place(it, folder / "images" / it.key)
+                place(it, folder / "images" / it.key)
         for fname, items in lists.items():
             write_text(folder / "annotations" / fname, "".join(f"images/{it.key} {it.label}\n" for it in items))
         write_json(folder / "annotations" / "manifest.json", {

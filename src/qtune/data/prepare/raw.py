@@ -64,31 +64,33 @@ def _array_items(split: str, images, labels, suffix: str = ".png") -> list[Item]
 
 # --- torchvision-backed -------------------------------------------------------------------------------------------
 
-def flowers102(root: Path, download: bool) -> Pool:
-    expected = "flowers-102/jpg/image_NNNNN.jpg, flowers-102/imagelabels.mat and flowers-102/setid.mat"
+def file_splits(cls_name: str, root: Path, download: bool, expected: str, base: Path, splits: dict[str, str],
+                files: str = "_image_files", **kwargs) -> Pool:
+    """A torchvision dataset of image files, one instance per split (our name -> its ``split`` argument)."""
     pool = {}
-    for split, name in (("train", "train"), ("validation", "val"), ("test", "test")):
-        ds = _torchvision("Flowers102", root, download, expected, split=name)
-        pool[split] = _files(ds._image_files, ds._labels, root / "flowers-102")
+    for ours, theirs in splits.items():
+        ds = _torchvision(cls_name, root, download, expected, split=theirs, **kwargs)
+        pool[ours] = _files(getattr(ds, files), ds._labels, base)
     return pool
+
+
+THREE_SPLITS = {"train": "train", "validation": "val", "test": "test"}
+
+
+def flowers102(root: Path, download: bool) -> Pool:
+    return file_splits("Flowers102", root, download, "flowers-102/jpg/image_NNNNN.jpg, flowers-102/imagelabels.mat "
+                       "and flowers-102/setid.mat", root / "flowers-102", THREE_SPLITS)
 
 
 def dtd(root: Path, download: bool) -> Pool:
-    expected = "dtd/dtd/images/<class>/*.jpg and dtd/dtd/labels/{train,val,test}1.txt"
-    pool = {}
-    for split, name in (("train", "train"), ("validation", "val"), ("test", "test")):
-        ds = _torchvision("DTD", root, download, expected, split=name, partition=1)
-        pool[split] = _files(ds._image_files, ds._labels, root / "dtd" / "dtd")
-    return pool
+    return file_splits("DTD", root, download, "dtd/dtd/images/<class>/*.jpg and dtd/dtd/labels/{train,val,test}1.txt",
+                       root / "dtd" / "dtd", THREE_SPLITS, partition=1)
 
 
 def oxford_pets(root: Path, download: bool) -> Pool:
-    expected = "oxford-iiit-pet/images/*.jpg and oxford-iiit-pet/annotations/{trainval,test}.txt"
-    pool = {}
-    for split, name in (("train", "trainval"), ("test", "test")):
-        ds = _torchvision("OxfordIIITPet", root, download, expected, split=name)
-        pool[split] = _files(ds._images, ds._labels, root / "oxford-iiit-pet")
-    return pool
+    return file_splits("OxfordIIITPet", root, download, "oxford-iiit-pet/images/*.jpg and "
+                       "oxford-iiit-pet/annotations/{trainval,test}.txt", root / "oxford-iiit-pet",
+                       {"train": "trainval", "test": "test"}, files="_images")
 
 
 def cifar100(root: Path, download: bool) -> Pool:

@@ -71,7 +71,7 @@ class Plan:
         return {name: " + ".join(map(str, slices)) for name, slices in self.lists.items()}
 
 
-def _generator(seed: int, split: str) -> np.random.Generator:
+def generator(seed: int, split: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(split.encode())])
 
 
@@ -80,7 +80,7 @@ def order(pool: Pool, seed: int) -> Pool:
     out = {}
     for split, items in pool.items():
         items = sorted(items, key=lambda it: it.key)
-        out[split] = [items[i] for i in _generator(seed, split).permutation(len(items))]
+        out[split] = [items[i] for i in generator(seed, split).permutation(len(items))]
     return out
 
 
@@ -107,7 +107,7 @@ def split_first(pool: Pool, how: dict[str, tuple[int, ...]]) -> Pool:
     return {name: items[a:b] for name, a, b in zip(("train", "validation", "test"), edges[:-1], edges[1:])}
 
 
-def _place(item: Item, dest: Path) -> None:
+def place(item: Item, dest: Path) -> None:
     """The image at ``dest``: an original file hard-linked (or copied) as is, an array rendered and encoded."""
     if not isinstance(item.image, Path):
         atomic_write(dest, lambda tmp: item.image().save(tmp, format="PNG" if dest.suffix == ".png" else "JPEG",
@@ -186,7 +186,7 @@ def _write_images(name: str, out: Path, items: list[Item], say, every_s: float =
         say(f"{name}: {len(items) - len(todo)} of {len(items)} images already written, resuming")
     last = time.monotonic()
     for i, it in enumerate(todo):
-        _place(it, out / "images" / it.key)
+        place(it, out / "images" / it.key)
         if time.monotonic() - last > every_s:
             say(f"{name}: {i + 1}/{len(todo)} images written")
             last = time.monotonic()
