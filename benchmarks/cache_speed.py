@@ -88,7 +88,7 @@ def _backbone(cfg: dict[str, Any], weights: str | None = None):
 
 
 def _train_cfg(args: argparse.Namespace, epochs: int):
-    from qtune.engine.loop import TrainConfig
+    from qtune.engine.config import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=1e-3, weight_decay=1e-2,
                        warmup_epochs=min(10, epochs - 1) if epochs > 1 else 0, progress=False, seed=0)
@@ -130,7 +130,8 @@ def phase(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     from qtune.cache import CachedBatches, TapCache, build_cache
     from qtune.data import ImageDataset, read_split
-    from qtune.engine.loop import ImageBatches, fit
+    from qtune.data.batches import ImageBatches
+    from qtune.engine.loop import fit
 
     cfg = CONFIGS[args.config]
     work = Path(args.work)
@@ -219,7 +220,8 @@ def accuracy_phase(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     from qtune.cache import CachedBatches, TapCache, build_cache
     from qtune.data import read_list_file
-    from qtune.engine.loop import fit, predict
+    from qtune.engine.loop import fit
+    from qtune.engine.predict import predict
 
     cfg = CONFIGS[args.config]
     task = Path(args.work) / args.task
@@ -241,7 +243,7 @@ def accuracy_phase(args: argparse.Namespace) -> dict[str, Any]:
             tc.seed, tc.lr = seed, args.lr
             torch.manual_seed(seed)
             fit(model, CachedBatches(cache, train, model.blocks_read()), tc)
-            logits, labels = predict(model, CachedBatches(cache, test, model.blocks_read()), tc)
+            [logits], labels = predict([model], CachedBatches(cache, test, model.blocks_read()), tc)
             preds[dtype, seed] = logits.argmax(1)
             res[f"{dtype}_seed{seed}"] = (preds[dtype, seed] == labels).float().mean().item()
             if dtype != "fp32":

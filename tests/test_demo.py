@@ -7,7 +7,7 @@ import pytest
 from qtune.demo import demo_weights, run_demo
 from qtune.experiments.spec import Candidate
 from qtune.experiments.store import Trial
-from qtune.experiments.sweep import choose
+from qtune.experiments.planner import choose
 
 
 def test_demo_writes_table_results_and_plot(tmp_path, capsys):

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from . import __version__
 from .errors import ConfigError, DataError, QtuneError
 from .options import option_pairs
+from .precision import PRECISIONS
 
 
 def _model_args(pairs: Sequence[str]) -> dict[str, Any]:
@@ -147,7 +148,9 @@ def _load_checkpoint(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .data import ImageDataset, read_split
-    from .engine.loop import ImageBatches, TrainConfig, evaluate
+    from .data.batches import ImageBatches
+    from .engine.config import TrainConfig
+    from .engine.predict import evaluate
 
     model, cfg = _load_checkpoint(args)
     listing = read_split(args.data, classes=cfg["classes"], num_classes=cfg["num_classes"])
@@ -182,8 +185,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .data import ImageDataset, Listing
     from .data.datasets import UNREADABLE, _first
     from .engine.checkpoint import load_checkpoints
-    from .engine.heads import predict_heads
-    from .engine.loop import ImageBatches, TrainConfig
+    from .data.batches import ImageBatches
+    from .engine.config import TrainConfig
+    from .engine.predict import predict
     from .io import atomic_write
 
     out = Path(args.out)
@@ -200,7 +204,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
                       progress=not args.quiet)
     dataset = ImageDataset(listing, backbone.preprocessing.transform(), skip_unreadable=True)
     # One trace of each batch feeds every checkpoint's head.
-    all_logits, labels = predict_heads(backbone, [m for m, _ in loaded], ImageBatches(dataset), run)
+    all_logits, labels = predict([m for m, _ in loaded], ImageBatches(dataset), run, "predict")
     read = (labels != UNREADABLE).tolist()
     skipped = [dataset.unreadable[i] for i, ok in enumerate(read) if not ok]
     if not any(read):
@@ -362,8 +366,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from .data import ImageDataset, read_split
     from .engine.checkpoint import load_checkpoints, save_adapter
     from .engine.compress import compress
+    from .data.batches import ImageBatches
     from .engine.config import TrainConfig
-    from .engine.loop import ImageBatches, evaluate
+    from .engine.predict import evaluate
     from .io import write_json
 
     out = Path(args.out)
@@ -581,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list file or image folder; repeat for every split the cache should cover")
     p.add_argument("--data-root", help="root for list-file paths (default: each list file's folder)")
     p.add_argument("--out", required=True, help="cache folder to write")
-    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="storage dtype (default fp16)")
+    p.add_argument("--dtype", default="fp16", choices=tuple(PRECISIONS), help="storage dtype (default fp16)")
     p.add_argument("--blocks", help="blocks to keep: all (default), none, or indices like 0,5,11")
     p.add_argument("--method", help="keep what this method reads: its blocks' K/V (linear: none) and block points "
                                     "(head2toe, lst)")
@@ -629,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
         p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
         p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu, cuda, cuda:1, ...")
-        p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype")
+        p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS), help="autocast dtype")
         p.add_argument("--quiet", action="store_true")
         p.set_defaults(func=func)
 
@@ -662,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference", action="store_true", help="also measure parameters, FLOPs, images/s and memory")
     p.add_argument("--inference-batch-size", help="batch for throughput and inference memory (default: --batch-size)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype")
+    p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS), help="autocast dtype")
     p.add_argument("--threads", help="torch CPU threads (default: torch's)")
     p.add_argument("--results", metavar="PATH", help="qtune results JSON (or folder): plot memory against accuracy")
     p.add_argument("--out", metavar="DIR", help="write memory.csv, memory.json and memory.png here")
@@ -727,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="another backbone folder/file instead of the shipped demo backbone")
     p.add_argument("--epochs", type=int, help="epochs of every run (default: each method's recipe; quick 5)")
     p.add_argument("--jobs", type=int, help="worker processes, one torch thread each (default: one per core)")
-    p.add_argument("--cache-dtype", choices=("fp32", "fp16", "bf16"), default="fp16",
+    p.add_argument("--cache-dtype", choices=tuple(PRECISIONS), default="fp16",
                    help="storage of the per-task K/V caches (default fp16: half the disk; fp32 trains exactly as live)")
     p.add_argument("--keep-caches", action="store_true", help="keep the per-task caches in OUT/cache (deleted when "
                                                                "the demo ends otherwise)")

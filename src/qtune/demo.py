@@ -17,7 +17,8 @@ from .data.offline import ALL_TASKS, OFFLINE_TASKS
 from .errors import ConfigError
 from .experiments.spec import toml_value
 from .experiments.store import STORE_FILES
-from .experiments.sweep import default_jobs, run_sweep
+from .experiments.executors import default_jobs
+from .experiments.sweep import run_sweep
 from .io import write_text
 from .methods import get_method
 from .report.sweep import write_report

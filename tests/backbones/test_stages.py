@@ -9,7 +9,10 @@ from timm.models.swin_transformer import window_reverse
 from qtune.backbones import ConvNeXtBackbone, SwinBackbone, load_backbone
 from qtune.cache import CachedBatches, TapCache, build_cache, read_listings
 from qtune.data import ImageDataset, read_split
-from qtune.engine.loop import ImageBatches, TrainConfig, fit, predict
+from qtune.data.batches import ImageBatches
+from qtune.engine.config import TrainConfig
+from qtune.engine.loop import fit
+from qtune.engine.predict import predict
 from qtune.errors import ConfigError
 from qtune.methods import create_method
 from qtune.tuned import TunedModel
@@ -150,7 +153,7 @@ def test_training_from_the_cache_is_training_live(name, method, shapes, tmp_path
         model = TunedModel(bb, create_method(method, bb, 4))
         cfg = TrainConfig(epochs=2, batch_size=16, lr=3e-3, warmup_epochs=0, progress=False, seed=3)
         fit(model, batches[0], cfg)
-        results.append(predict(model, batches[1], cfg)[0])
+        results.append(predict([model], batches[1], cfg)[0][0])
     live, cached = results
     assert ((cached - live).norm() / live.norm()).item() <= 1e-5
 

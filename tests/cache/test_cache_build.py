@@ -8,7 +8,7 @@ import torch
 from qtune.cache import CachedBatches, TapCache, cached_splits
 from qtune.cache.manifest import MANIFEST, PLAN, block_file
 from qtune.data import ImageDataset, read_split
-from qtune.engine.loop import ImageBatches
+from qtune.data.batches import ImageBatches
 from qtune.errors import CacheError, CacheIncompleteError
 from qtune.methods import create_method
 from qtune.tuned import TunedModel

@@ -10,7 +10,10 @@ from safetensors.torch import load_file
 from qtune.cache import CachedBatches, TapCache
 from qtune.data import ImageDataset, read_split
 from qtune.engine.job import BackboneSpec, DataSpec, JobSpec, train_job
-from qtune.engine.loop import ImageBatches, TrainConfig, fit, predict
+from qtune.data.batches import ImageBatches
+from qtune.engine.config import TrainConfig
+from qtune.engine.loop import fit
+from qtune.engine.predict import predict
 from qtune.methods import create_method
 from qtune.tuned import TunedModel
 from tests.cache.cachedata import build
@@ -24,7 +27,7 @@ def _train(method, train, val, test, backbone):
     model = TunedModel(backbone, create_method(method, backbone, 4))
     cfg = TrainConfig(epochs=3, batch_size=16, lr=3e-3, warmup_epochs=1, eval_every=1, progress=False, seed=3)
     fit(model, train, cfg, val)  # validation every epoch: evaluation must not disturb the training RNG either
-    logits, _ = predict(model, test, cfg)
+    [logits], _ = predict([model], test, cfg)
     return {k: v.detach().clone() for k, v in model.trainable_parameters().items()}, logits
 
 

@@ -11,7 +11,7 @@ from qtune.cli import main
 from qtune.engine.checkpoint import load_adapter, save_adapter
 from qtune.engine.compress import classifier_inputs, compress, train_classifier
 from qtune.engine.config import TrainConfig
-from qtune.engine.loop import predict
+from qtune.engine.predict import predict
 from qtune.errors import ConfigError
 from qtune.tuned import TunedModel
 from tests.engine.test_many import CLASSES, TapBatches
@@ -27,7 +27,7 @@ def test_a_head_over_kept_dimensions_reads_exactly_those(backbone):
         small.method.queries.copy_(full.method.queries)
     batches = TapBatches(backbone, full.blocks_read())
     feats, _ = classifier_inputs(full, batches, CFG)
-    logits, _ = predict(small, batches, CFG)
+    [logits], _ = predict([small], batches, CFG)
     head = small.method.head
     assert head.in_features == len(ids)
     assert torch.allclose(logits, feats[:, ids] @ head.weight.T + head.bias, atol=1e-5)
@@ -47,7 +47,7 @@ def test_compression_keeps_a_fraction_and_round_trips(backbone, tmp_path):
     save_adapter(tmp_path / "ckpt", small, [str(c) for c in range(CLASSES)])
     again, cfg = load_adapter(tmp_path / "ckpt", backbone)
     assert cfg["method_config"]["feature_ids"] == small.method.config.feature_ids
-    assert torch.allclose(predict(again, batches, CFG)[0], predict(small, batches, CFG)[0], atol=1e-6)
+    assert torch.allclose(predict([again], batches, CFG)[0][0], predict([small], batches, CFG)[0][0], atol=1e-6)
     # compressing the compressed model chooses among its dimensions, named in the original numbering
     smaller, info2 = compress(small, batches, keep=0.5, cfg=CFG)
     assert info2["features_before"] == width // 2 and info2["features_after"] == width // 4
@@ -63,7 +63,7 @@ def test_head2toe_selects_among_its_features_and_keeps_nothing_else_to_train(bac
     feats, _ = classifier_inputs(model, batches, CFG)
     head = small.method.head
     expected = feats[:, small.method.config.feature_ids] @ head.weight.T + head.bias
-    assert torch.allclose(predict(small, batches, CFG)[0], expected, atol=1e-5)
+    assert torch.allclose(predict([small], batches, CFG)[0][0], expected, atol=1e-5)
 
 
 def test_the_penalty_concentrates_the_weight_on_few_dimensions():

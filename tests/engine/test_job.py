@@ -8,7 +8,10 @@ from qtune.backbones import load_backbone
 from qtune.data import ImageDataset, read_split
 from qtune.engine.checkpoint import TENSORS, load_adapter
 from qtune.engine.job import BackboneSpec, DataSpec, JobSpec, train_job
-from qtune.engine.loop import ImageBatches, TrainConfig, epoch_order, predict
+from qtune.data.batches import ImageBatches
+from qtune.engine.config import TrainConfig
+from qtune.engine.predict import predict
+from qtune.engine.steps import epoch_order
 from qtune.errors import CheckpointError
 from tests.conftest import TINY, TINY_NAME
 
@@ -46,9 +49,9 @@ def test_checkpoint_round_trip_and_identity_check(shapes, tmp_path):
     listing = read_split(shapes / "test", classes=cfg["classes"])
     batches = ImageBatches(ImageDataset(listing, backbone.preprocessing.transform()))
     run = TrainConfig(batch_size=16, progress=False)
-    first, _ = predict(model, batches, run)
-    again, _ = predict(load_adapter(tmp_path / "run" / "checkpoint", load_backbone(TINY_NAME, model_args=TINY))[0],
-                       batches, run)
+    [first], _ = predict([model], batches, run)
+    [again], _ = predict([load_adapter(tmp_path / "run" / "checkpoint", load_backbone(TINY_NAME, model_args=TINY))[0]],
+                         batches, run)
     torch.testing.assert_close(first, again, rtol=0, atol=0)
 
     other = load_backbone(TINY_NAME, model_args=TINY, init_seed=3)

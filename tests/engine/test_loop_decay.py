@@ -1,7 +1,9 @@
 """--decay-all: the authors' AdamW decays every trainable tensor; qtune's default exempts biases and norms."""
 import torch
 
-from qtune.engine.loop import TrainConfig, fit
+from qtune.engine.config import TrainConfig
+
+from qtune.engine.loop import fit
 from qtune.methods import create_method
 from qtune.tuned import TunedModel
 from tests.conftest import tiny_backbone

@@ -8,8 +8,10 @@ import torch
 
 from qtune.backbones import Taps
 from qtune.engine.config import TrainConfig
-from qtune.engine.loop import fit, predict
-from qtune.engine.many import SHARED, accuracies, fit_many, fold_weights, models_per_stack, predict_many, step_bytes
+from qtune.engine.loop import fit
+from qtune.engine.predict import predict
+from qtune.engine.many import SHARED, fit_many, fold_weights, models_per_stack, step_bytes
+from qtune.engine.predict import accuracies
 from qtune.errors import ConfigError
 from qtune.tuned import TunedModel
 from tests.conftest import tiny_backbone
@@ -84,9 +86,9 @@ def _assert_same(stacked, alone, batches, dtype=torch.float32):
         for n in pa:
             assert torch.allclose(pa[n], pb[n], atol=weights_tol, rtol=0), n
     cfg = TrainConfig(progress=False, batch_size=16)
-    logits, _ = predict_many(stacked, batches, cfg)
+    logits, _ = predict(stacked, batches, cfg)
     for g, b in enumerate(alone):
-        assert torch.allclose(logits[g], predict(b, batches, cfg)[0], atol=logits_tol, rtol=0)
+        assert torch.allclose(logits[g], predict([b], batches, cfg)[0][0], atol=logits_tol, rtol=0)
 
 
 @pytest.mark.parametrize("method", CASES)
@@ -115,7 +117,7 @@ def test_folds_in_one_pass_equal_weighted_fits(backbone, method):
     for g, model in enumerate(alone):
         fit(model, batches, cfgs[g], sample_weight=weights[g])
     _assert_same(stacked, alone, batches)
-    logits, labels = predict_many(stacked, batches, cfgs[0])
+    logits, labels = predict(stacked, batches, cfgs[0])
     acc = accuracies(logits, labels, held)
     assert acc == [(logits[g][held[g]].argmax(-1) == labels[held[g]]).float().mean().item() for g in range(4)]
 
@@ -189,4 +191,4 @@ def test_a_stack_of_one_is_its_own_fit(backbone, method):
     fit(alone, batches, cfg)
     for name, p in stacked.trainable_parameters().items():
         assert torch.equal(p, alone.trainable_parameters()[name]), name
-    assert torch.equal(predict_many([stacked], batches, cfg)[0][0], predict(alone, batches, cfg)[0])
+    assert torch.equal(predict([stacked], batches, cfg)[0][0], predict([alone], batches, cfg)[0][0])

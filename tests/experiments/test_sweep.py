@@ -201,16 +201,16 @@ def test_val_selection_holds_out_val200(task, tmp_path):
 
 
 def test_failed_unit_is_recorded_and_the_sweep_goes_on(task, tmp_path, monkeypatch, capsys):
-    from qtune.experiments import sweep
+    from qtune.experiments import units
 
-    real = sweep._select_unit
+    real = units.select
 
     def crash_vqt(unit):
-        if unit["items"][0]["method"] == "vqt":
+        if unit.items[0].method == "vqt":
             raise RuntimeError("worker crashed")
         return real(unit)
 
-    monkeypatch.setattr(sweep, "_select_unit", crash_vqt)
+    monkeypatch.setattr(units, "select", crash_vqt)
     out = tmp_path / "run"
     assert main(["sweep", str(write_spec(tmp_path / "s.toml", task)), "--out", str(out), "--jobs", "1", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()  # a sweep with failed trials is not a success

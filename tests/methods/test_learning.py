@@ -7,7 +7,7 @@ paper's residual scales s' = s'' = 0.1 (with f = 0.1), which suit a random backb
 import pytest
 
 from qtune.engine.job import BackboneSpec, DataSpec, JobSpec, train_job
-from qtune.engine.loop import TrainConfig
+from qtune.engine.config import TrainConfig
 from qtune.methods import method_names
 from tests.conftest import TINY, TINY_NAME
 

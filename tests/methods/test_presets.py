@@ -3,7 +3,7 @@ import pytest
 
 from qtune.cli import _method_and_config, build_parser
 from qtune.data.benchmarks import VTAB_TASKS
-from qtune.engine.loop import TrainConfig
+from qtune.engine.config import TrainConfig
 from qtune.errors import ConfigError
 from qtune.methods import get_method
 from qtune.methods.presets import SYNQT_VTAB, VQT_GRID, get_preset, preset_names

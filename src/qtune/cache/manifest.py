@@ -27,6 +27,7 @@ import torch
 
 from ..backbones.points import Point
 from ..errors import CacheError, CacheIncompleteError
+from ..precision import PRECISIONS, torch_dtype
 
 FORMAT = "qtune-tapcache"
 FORMAT_VERSION = 1
@@ -40,11 +41,8 @@ MANIFEST_FIELDS = ("backbone", "preprocessing", "shape", "dtype", "blocks", "row
 
 # Storage dtype name -> (numpy dtype on disk, torch dtype it stands for). numpy has no bfloat16: its bits go to disk
 # as uint16 and are viewed back as torch.bfloat16 when read.
-DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
-    "fp32": (np.dtype(np.float32), torch.float32),
-    "fp16": (np.dtype(np.float16), torch.float16),
-    "bf16": (np.dtype(np.uint16), torch.bfloat16),
-}
+DISK = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "bf16": np.dtype(np.uint16)}
+DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {name: (DISK[name], torch_dtype(name)) for name in PRECISIONS}
 
 
 def block_file(block: int) -> str:

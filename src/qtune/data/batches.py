@@ -1,11 +1,22 @@
-"""Batches of decoded images in a given sample order: the live source of ``engine.loop.Batches`` (a TapCache's
-``CachedBatches`` is the other)."""
+"""Batches in a given sample order: what every loop reads (``Batches``), and its live source, decoded images (a
+TapCache's ``CachedBatches`` is the other)."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+
+class Batches(Protocol):
+    """A source of (inputs, labels) batches in a given sample order, and how a model consumes them."""
+
+    def __len__(self) -> int: ...
+
+    def iterate(self, order: list[int], batch_size: int, device: torch.device) -> Iterator[tuple[Any, torch.Tensor]]:
+        ...
+
+    def forward(self, model: Any, inputs: Any) -> torch.Tensor: ...
 
 
 def batch_indices(order: list[int], batch_size: int) -> list[list[int]]:
@@ -39,4 +50,4 @@ class ImageBatches:
         return model(inputs)
 
 
-__all__ = ["ImageBatches", "batch_indices"]
+__all__ = ["Batches", "ImageBatches", "batch_indices"]

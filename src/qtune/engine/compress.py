@@ -21,7 +21,8 @@ from ..data.batches import batch_indices
 from ..methods.base import inputs_of
 from ..tuned import TunedModel
 from .config import TrainConfig
-from .loop import Batches, epoch_order, optimizer_and_schedule, training_loss
+from ..data.batches import Batches
+from .steps import epoch_order, optimizer_and_schedule, training_loss
 
 
 @torch.no_grad()

@@ -6,13 +6,13 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+from ..precision import check_precision
 
 if TYPE_CHECKING:
     import torch
 
 # The papers use plain momentum SGD; "adam" couples weight decay into the gradient (VQT's), "adamw" decouples it.
 OPTIMIZERS = ("adamw", "adam", "sgd")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -54,8 +54,7 @@ class TrainConfig:
                 raise ConfigError(f"{name}: expected a whole number >= {low}, got {getattr(self, name)!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer {self.optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         if self.lr <= 0:
             raise ConfigError(f"lr: expected a number > 0, got {self.lr!r}")
         for name in ("weight_decay", "warmup_epochs", "min_lr", "momentum"):

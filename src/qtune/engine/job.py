@@ -23,7 +23,9 @@ from ..io import append_jsonl, exclusive_folder, write_csv, write_json, write_te
 from ..methods import get_method
 from ..tuned import TunedModel
 from .checkpoint import save_adapter
-from .loop import TrainConfig, evaluate, fit, peak_memory
+from .config import TrainConfig
+from .loop import fit, peak_memory
+from .predict import evaluate
 from .provenance import provenance
 
 

@@ -6,47 +6,19 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
-from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.batches import ImageBatches, batch_indices  # noqa: F401 - ImageBatches: also importable from here
+from ..data.batches import Batches, batch_indices
 from ..errors import ConfigError, TrainingError
+from ..precision import autocast
 from ..tuned import TunedModel
 from .config import TrainConfig
+from .predict import evaluate
 from .state import load_state, save_state
-
-# config.OPTIMIZERS / PRECISIONS as timm's optimiser names and autocast dtypes (timm's "sgd" is Nesterov).
-_OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "sgd": "momentum"}
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class Batches(Protocol):
-    """A source of (inputs, labels, indices) batches in a given sample order, and how the model consumes them."""
-
-    def __len__(self) -> int: ...
-
-    def iterate(self, order: list[int], batch_size: int, device: torch.device) -> Iterator[tuple[Any, torch.Tensor]]:
-        ...
-
-    def forward(self, model: TunedModel, inputs: Any) -> torch.Tensor: ...
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled sample order of one epoch: a function of (seed, epoch) only, so any batch source and a resumed
-    run see the same order."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
-def _autocast(device: torch.device, precision: str):
-    dtype = _PRECISIONS[precision]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+from .steps import epoch_order, optimizer_and_schedule, training_loss
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
@@ -56,54 +28,6 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     scale = 1 if sys.platform == "darwin" else 1024
     return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
             "peak_memory_kind": "cpu_peak_rss"}
-
-
-@torch.no_grad()
-def predict(model: TunedModel, batches: Batches, cfg: TrainConfig, desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels for every sample, in dataset order."""
-    device = cfg.resolved_device()
-    model.eval()
-    logits, labels = [], []
-    order = list(range(len(batches)))
-    total = math.ceil(len(order) / cfg.batch_size)
-    for inputs, y in tqdm(batches.iterate(order, cfg.batch_size, device), total=total, desc=desc,
-                          disable=not cfg.progress, leave=False):
-        with _autocast(device, cfg.precision):
-            logits.append(batches.forward(model, inputs).float().cpu())
-        labels.append(y.cpu())
-    return torch.cat(logits), torch.cat(labels)
-
-
-def evaluate(model: TunedModel, batches: Batches, cfg: TrainConfig, desc: str = "eval") -> dict[str, float]:
-    logits, labels = predict(model, batches, cfg, desc)
-    return {"accuracy": (logits.argmax(1) == labels).float().mean().item(),
-            "loss": F.cross_entropy(logits, labels).item(), "n": len(labels)}
-
-
-def optimizer_and_schedule(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
-                           ) -> tuple[torch.optim.Optimizer, CosineLRScheduler]:
-    """``model``'s optimiser (decay exemptions as configured) and its per-step warmup + half-cosine schedule."""
-    optimizer = create_optimizer_v2(model, opt=_OPTIMIZERS[cfg.optimizer], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum, foreach=True, filter_bias_and_bn=not cfg.decay_all)
-    total = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    if warmup >= total:  # a warmup as long as training would never reach the peak learning rate
-        warmup = total // 2
-        print(f"qtune: warmup of {cfg.warmup_epochs:g} epochs is not shorter than training ({cfg.epochs} epochs): "
-              f"warming up over the first half ({warmup} of {total} steps) instead", file=sys.stderr)
-    scheduler = CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=cfg.min_lr, warmup_t=warmup,
-                                  warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
-    return optimizer, scheduler
-
-
-def training_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy, averaged over the batch or, with per-sample ``weight``, weighted (a batch whose weights are all
-    zero gives 0). Weight 0 keeps a sample out of training: k-fold CV over batches of all training samples."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half-precision logits: loss in fp32
-    if weight is None:
-        return F.cross_entropy(logits, labels)
-    losses = F.cross_entropy(logits, labels, reduction="none")
-    return (weight * losses).sum() / weight.sum().clamp_min(torch.finfo(losses.dtype).tiny)
 
 
 def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None = None,
@@ -151,7 +75,7 @@ def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None
         for idx, (inputs, y) in zip(batch_indices(order, cfg.batch_size),
                                     train.iterate(order, cfg.batch_size, device)):
             w = None if sample_weight is None else sample_weight[idx].to(device)
-            with _autocast(device, cfg.precision):
+            with autocast(device, cfg.precision):
                 loss = training_loss(train.forward(model, inputs), y, w)
             value = loss.item()
             if stop_on_nonfinite and not math.isfinite(value):

@@ -28,7 +28,9 @@ from ..errors import ConfigError
 from ..methods.masks import per_model_generators
 from ..tuned import TunedModel
 from .config import TrainConfig
-from .loop import Batches, _autocast, epoch_order, optimizer_and_schedule, training_loss
+from ..data.batches import Batches
+from ..precision import autocast
+from .steps import epoch_order, optimizer_and_schedule, training_loss
 
 # TrainConfig fields that every model of a stack must share: they decide which batches are read, and when.
 SHARED = ("epochs", "batch_size", "precision", "device", "num_workers")
@@ -146,7 +148,7 @@ def fit_many(models: Sequence[TunedModel], train: Batches, cfgs: Sequence[TrainC
         for idx, (inputs, y) in zip(batch_indices(order, cfg0.batch_size),
                                     train.iterate(order, cfg0.batch_size, device)):
             w = None if sample_weights is None else sample_weights[:, idx].to(device)
-            with per_model_generators(generators), _autocast(device, cfg0.precision):
+            with per_model_generators(generators), autocast(device, cfg0.precision):
                 losses = stack.losses(inputs, y, w)
             for opt, _ in schedules:
                 opt.zero_grad(set_to_none=True)
@@ -168,33 +170,6 @@ def fit_many(models: Sequence[TunedModel], train: Batches, cfgs: Sequence[TrainC
             on_epoch(epoch + 1, [h[-1] for h in histories])
     bar.close()
     return histories
-
-
-@torch.no_grad()
-def predict_many(models: Sequence[TunedModel], batches: Batches, cfg: TrainConfig,
-                 desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (G, N, classes) of every model for every sample, from one read of each batch, and the labels (N,)."""
-    stack = ModelStack(models)
-    device = cfg.resolved_device()
-    for m in stack.models:
-        m.to(device)
-    stack.train(False)
-    order = list(range(len(batches)))
-    logits, labels = [], []
-    for inputs, y in tqdm(batches.iterate(order, cfg.batch_size, device), total=math.ceil(len(order) / cfg.batch_size),
-                          desc=desc, disable=not cfg.progress, leave=False):
-        with _autocast(device, cfg.precision):
-            logits.append(stack.logits(inputs).float().cpu())
-        labels.append(y.cpu())
-    return torch.cat(logits, dim=1), torch.cat(labels)
-
-
-def accuracies(logits: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None = None) -> list[float]:
-    """Top-1 accuracy of each model, over the samples where ``masks[g]`` is true (all samples without masks)."""
-    hits = (logits.argmax(-1) == labels).float()
-    if masks is None:
-        return hits.mean(1).tolist()
-    return [(h[m].mean().item() if m.any() else math.nan) for h, m in zip(hits, masks.bool())]
 
 
 def fold_weights(labels: Sequence[int], folds: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,6 +217,6 @@ def models_per_stack(build: Callable[[int], TunedModel], train: Batches, batch_s
     return int(max(1, min(most, fit)))
 
 
-__all__ = ["ModelStack", "SHARED", "accuracies", "fit_many", "fold_weights", "models_per_stack", "predict_many",
+__all__ = ["ModelStack", "SHARED", "fit_many", "fold_weights", "models_per_stack",
            "stack_key", "step_bytes"]
 

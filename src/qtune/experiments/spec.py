@@ -56,6 +56,7 @@ from ..data.benchmarks import VTAB_TASKS
 from ..data.offline import ALL_TASKS
 from ..engine.config import TrainConfig
 from ..errors import ConfigError
+from ..precision import check_precision
 from ..methods import get_method
 from .tasks import TaskSource, fgvc_sources
 
@@ -250,9 +251,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     seeds = proto.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{where('protocol', 'seeds')}: must be a non-empty list of integers (got {seeds!r})")
-    cache_dtype = proto.get("cache_dtype", "fp16")
-    if cache_dtype not in ("fp16", "bf16", "fp32"):
-        raise ConfigError(f"{where('protocol', 'cache_dtype')}: {cache_dtype!r} (choose fp16, bf16 or fp32)")
+    cache_dtype = check_precision(proto.get("cache_dtype", "fp16"), where("protocol", "cache_dtype"))
 
     methods = []
     for name, m in _table(raw.get("methods", {}), where("methods")).items():

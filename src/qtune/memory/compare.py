@@ -11,7 +11,8 @@ from ..errors import ConfigError
 from ..methods import get_method
 from .budget import fit_budget
 from .cost import inference_cost
-from .training import check_precision, measure_training, precision_label
+from ..precision import check_precision, precision_label
+from .training import measure_training
 from .units import format_bytes
 
 

@@ -14,7 +14,6 @@ The step is ``qtune.memory.account.measure_step``: AdamW, cross-entropy, the sec
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -22,28 +21,11 @@ import torch.nn.functional as F
 
 from ..backbones import Backbone
 from ..errors import ConfigError
+from ..precision import autocast, check_precision, precision_label
 from ..tuned import TunedModel
 from .account import measure_step
 
 MODES = ("live", "cached", "cached_stream")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def precision_label(precision: str) -> str:
-    """The dtype a figure was measured in, as stated next to it."""
-    return "fp32" if PRECISIONS[precision] is None else f"{precision} autocast, fp32 weights"
-
-
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
-
-
-def _autocast(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 def _stream_taps(taps, blocks: tuple[int, ...]):
     """StreamedTaps over an fp16 copy of the batch's K/V: each read gathers the block (one fp16 copy, as the memory
     map's fancy index does) and converts it to fp32, inside the step."""
@@ -96,7 +78,7 @@ def measure_training(backbone: Backbone, method: str, options: dict[str, Any] | 
             return model.forward_taps(taps)
 
     def loss_fn() -> torch.Tensor:
-        with _autocast(device, precision):
+        with autocast(device, precision):
             return F.cross_entropy(forward(), labels)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
