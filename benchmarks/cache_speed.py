@@ -95,13 +95,9 @@ def _train_cfg(args: argparse.Namespace, epochs: int):
 
 
 def _model(backbone, tokens: int, num_classes: int):
-    import torch
-
-    from qtune.methods import create_method
     from qtune.tuned import TunedModel
 
-    torch.manual_seed(0)
-    return TunedModel(backbone, create_method("synqt", backbone, num_classes, {"tokens": tokens}))
+    return TunedModel.build(backbone, "synqt", num_classes, {"tokens": tokens}, seed=0)
 
 
 class FixedBatches:

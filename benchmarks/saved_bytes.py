@@ -10,7 +10,6 @@ parameters (frozen or trainable) are reported apart, since they are held anyway.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import multiprocessing
 import time
@@ -21,7 +20,7 @@ import torch
 
 from qtune.backbones import Backbone, load_backbone
 from qtune.memory import SavedTensors
-from qtune.methods import create_method, get_method, method_names
+from qtune.methods import get_method, method_names
 from qtune.tuned import TunedModel
 
 GIB = 2**30
@@ -40,11 +39,10 @@ def variants(name: str, blocks: list[int], depth: int) -> list[tuple[str, dict[s
 
 
 def measure(backbone: Backbone, name: str, options: dict[str, Any], batch: int, num_classes: int) -> dict[str, Any]:
-    """One method's saved bytes for one forward (the backbone is copied for stream methods, which change it)."""
-    bb = backbone if get_method(name).reads_taps else copy.deepcopy(backbone)
-    torch.manual_seed(0)
-    model = TunedModel(bb, create_method(name, bb, num_classes, options)).train()
-    images = torch.randn(batch, 3, *bb.preprocessing.input_size)
+    """One method's saved bytes for one forward (``build`` copies the backbone for stream methods, which change it)."""
+    model = TunedModel.build(backbone, name, num_classes, options, seed=0).train()
+    torch.manual_seed(0)  # the images
+    images = torch.randn(batch, 3, *backbone.preprocessing.input_size)
     start = time.perf_counter()
     with SavedTensors(model.parameters()) as rec:
         model(images)

@@ -149,8 +149,7 @@ def test_training_from_the_cache_is_training_live(name, method, shapes, tmp_path
         cache = TapCache(tmp_path / "cache")
         batches = ([ImageBatches(ImageDataset(lst, bb.preprocessing.transform())) for lst in listings]
                    if source == "live" else [CachedBatches(cache, lst, range(bb.depth)) for lst in listings])
-        torch.manual_seed(0)
-        model = TunedModel(bb, create_method(method, bb, 4))
+        model = TunedModel.build(bb, method, 4, seed=0)
         cfg = TrainConfig(epochs=2, batch_size=16, lr=3e-3, warmup_epochs=0, progress=False, seed=3)
         fit(model, batches[0], cfg)
         results.append(predict([model], batches[1], cfg)[0][0])

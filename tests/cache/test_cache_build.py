@@ -10,7 +10,6 @@ from qtune.cache.manifest import MANIFEST, PLAN, block_file
 from qtune.data import ImageDataset, read_split
 from qtune.data.batches import ImageBatches
 from qtune.errors import CacheError, CacheIncompleteError
-from qtune.methods import create_method
 from qtune.tuned import TunedModel
 from tests.cache.cachedata import build
 from tests.conftest import tiny_backbone
@@ -70,7 +69,7 @@ def test_keep_only_the_blocks_a_method_reads(vtab, tmp_path):
     cache = TapCache(tmp_path / "c")
     assert cache.mismatch(bb, []) is None  # the linear probe reads no block
     assert "blocks [0, 2] are read but not kept" in cache.mismatch(bb, [0, 1, 2])
-    model = TunedModel(bb, create_method("synqt", bb, 4))
+    model = TunedModel.build(bb, "synqt", 4)
     served, notes = cached_splits(tmp_path / "c", model, {"train": read_split(vtab / "train.txt")})
     assert not served and "not kept in the cache" in notes[0] and notes[0].endswith("tracing live")
 
@@ -101,7 +100,7 @@ def test_an_unfinished_build_is_never_read_as_complete(vtab, tmp_path):
     with pytest.raises(CacheIncompleteError, match="incomplete cache, the build stopped after 1 of 3 chunks"):
         TapCache(tmp_path / "c")
     bb = tiny_backbone()
-    served, notes = cached_splits(tmp_path / "c", TunedModel(bb, create_method("linear", bb, 4)),
+    served, notes = cached_splits(tmp_path / "c", TunedModel.build(bb, "linear", 4),
                                   {"train": read_split(vtab / "train.txt")})
     assert not served and "incomplete cache" in notes[0]
     report = build(tmp_path / "c", vtab)

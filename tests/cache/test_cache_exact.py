@@ -4,7 +4,6 @@ Both paths draw the same random numbers (dropout, DropFeat) in the same order: l
 global RNG (ImageBatches gives its DataLoader a private generator), or the masks would differ.
 """
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from qtune.cache import CachedBatches, TapCache
@@ -14,7 +13,6 @@ from qtune.data.batches import ImageBatches
 from qtune.engine.config import TrainConfig
 from qtune.engine.loop import fit
 from qtune.engine.predict import predict
-from qtune.methods import create_method
 from qtune.tuned import TunedModel
 from tests.cache.cachedata import build
 from tests.conftest import TINY, TINY_NAME, tiny_backbone
@@ -23,8 +21,7 @@ RTOL = 1e-5
 
 
 def _train(method, train, val, test, backbone):
-    torch.manual_seed(0)
-    model = TunedModel(backbone, create_method(method, backbone, 4))
+    model = TunedModel.build(backbone, method, 4, seed=0)
     cfg = TrainConfig(epochs=3, batch_size=16, lr=3e-3, warmup_epochs=1, eval_every=1, progress=False, seed=3)
     fit(model, train, cfg, val)  # validation every epoch: evaluation must not disturb the training RNG either
     [logits], _ = predict([model], test, cfg)
@@ -53,8 +50,7 @@ def test_cache_training_equals_live_training(cache_dir, vtab, method):
         assert _rel(cached_w[name], live_w[name]) <= RTOL, name
     assert _rel(cached_logits, live_logits) <= RTOL
     if method != "linear":  # training moved the weights: the comparison is not between two untouched inits
-        torch.manual_seed(0)
-        init = TunedModel(bb, create_method(method, bb, 4)).trainable_parameters()
+        init = TunedModel.build(bb, method, 4, seed=0).trainable_parameters()
         assert any(_rel(live_w[n], init[n].detach()) > 1e-3 for n in live_w)
 
 
@@ -92,7 +88,7 @@ def test_block_points_from_the_cache_train_as_live(vtab, tmp_path, method):
     """Methods that read block points (pooled or per token) train from a cache holding them as they train live;
     a cache without them is refused, with the points named."""
     bb = tiny_backbone()
-    points = TunedModel(bb, create_method(method, bb, 4)).points_read()
+    points = TunedModel.build(bb, method, 4).points_read()
     build(tmp_path / "plain", vtab, blocks="none")
     plain = TapCache(tmp_path / "plain")
     assert "block points" in plain.mismatch(bb, (), points) and points[0].key in plain.mismatch(bb, (), points)

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from qtune.backbones import load_backbone
 from qtune.cache import TapCache
 from qtune.data import read_split
-from qtune.methods import create_method
 from qtune.tuned import TunedModel
 from tests.cache.cachedata import build
 from tests.conftest import TINY, TINY_NAME
@@ -55,7 +54,7 @@ def test_one_block_of_kv_alive_at_a_time(deep, method):
     bb, cache, listing = deep
     rows = cache.rows_for(listing)[:16]
     y = torch.tensor(listing.labels[:16])
-    model = TunedModel(bb, create_method(method, bb, 4)).train()
+    model = TunedModel.build(bb, method, 4).train()
 
     counter = AliveKV(cache)
     _step(model, cache.taps(rows, range(bb.depth), CPU, stream=True), y)
@@ -71,7 +70,7 @@ def test_streamed_step_saves_no_kv_for_backward(deep):
     bb, cache, listing = deep
     rows = cache.rows_for(listing)[:16]
     y = torch.tensor(listing.labels[:16])
-    model = TunedModel(bb, create_method("synqt", bb, 4)).train()
+    model = TunedModel.build(bb, "synqt", 4).train()
     kv_shape = (16, bb.num_heads, bb.num_tokens, bb.dim // bb.num_heads)
     for stream in (False, True):
         shapes: list[tuple[int, ...]] = []

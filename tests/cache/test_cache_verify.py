@@ -11,7 +11,6 @@ from qtune.cache import TapCache, cached_splits, verify_cache
 from qtune.cache.manifest import block_file
 from qtune.data import read_split
 from qtune.errors import CacheCorruptError, CacheIncompleteError, CacheStaleError
-from qtune.methods import create_method
 from qtune.tuned import TunedModel
 from tests.cache.cachedata import CHUNK, build
 from tests.conftest import TINY, TINY_NAME, tiny_backbone
@@ -59,7 +58,7 @@ def test_changed_label_is_stale_and_training_falls_back(cache_dir, vtab):
                                               rf"{(int(label) + 1) % 4} now"):
         verify_cache(cache_dir)
     bb = tiny_backbone()
-    model = TunedModel(bb, create_method("synqt", bb, 4))
+    model = TunedModel.build(bb, "synqt", 4)
     served, notes = cached_splits(cache_dir, model, {"train": read_split(vtab / "trainval.txt"),
                                                      "test": read_split(vtab / "test.txt")})
     assert list(served) == ["test"]  # the unchanged split still reads the cache
@@ -126,7 +125,7 @@ def test_training_never_reads_a_chunk_that_fails_its_checksum(cache_dir, vtab):
     del arr
     _flip(cache_dir / block_file(1), offset)
     bb = tiny_backbone()
-    model = TunedModel(bb, create_method("vqt", bb, 4))
+    model = TunedModel.build(bb, "vqt", 4)
     served, _ = cached_splits(cache_dir, model, {"train": read_split(vtab / "trainval.txt")})
     order = list(range(len(served["train"])))
     batches = served["train"].iterate(order, 8, torch.device("cpu"))

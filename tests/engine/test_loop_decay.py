@@ -4,7 +4,6 @@ import torch
 from qtune.engine.config import TrainConfig
 
 from qtune.engine.loop import fit
-from qtune.methods import create_method
 from qtune.tuned import TunedModel
 from tests.conftest import tiny_backbone
 
@@ -23,9 +22,7 @@ class _Zero:
 
 
 def _bias_after(decay_all: bool) -> torch.Tensor:
-    torch.manual_seed(0)
-    bb = tiny_backbone()
-    model = TunedModel(bb, create_method("linear", bb, 3))
+    model = TunedModel.build(tiny_backbone(), "linear", 3, seed=0)
     with torch.no_grad():
         model.method.head.bias.fill_(1.0)
     fit(model, _Zero(), TrainConfig(epochs=3, lr=0.1, weight_decay=0.5, warmup_epochs=0, progress=False,

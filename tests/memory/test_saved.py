@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from qtune.memory import SavedTensors
-from qtune.methods import create_method
 from qtune.tuned import TunedModel
 from tests.conftest import tiny_backbone
 
@@ -12,7 +11,7 @@ B = 8
 
 def _saved(name, **kw):
     bb = tiny_backbone(**{"patch_size": 4, **kw})  # 65 stream tokens: many more than query tokens
-    model = TunedModel(bb, create_method(name, bb, 10)).train()
+    model = TunedModel.build(bb, name, 10).train()
     with SavedTensors(model.parameters()) as rec:
         model(torch.randn(B, 3, 32, 32)).sum()
     return rec.activation_bytes, bb

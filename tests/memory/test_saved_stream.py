@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from qtune.memory import SavedTensors
-from qtune.methods import create_method, get_method, method_names
+from qtune.methods import get_method, method_names
 from qtune.tuned import TunedModel
 from tests.conftest import tiny_backbone
 
@@ -12,9 +12,8 @@ STREAM = [m for m in method_names() if not get_method(m).reads_taps]
 
 
 def _saved(name, options, depth):
-    torch.manual_seed(0)
-    bb = tiny_backbone(depth=depth)
-    model = TunedModel(bb, create_method(name, bb, 10, options)).train()
+    torch.manual_seed(0)  # the test's own draws
+    model = TunedModel.build(tiny_backbone(depth=depth), name, 10, options, seed=0, own_backbone=True).train()
     with SavedTensors(model.parameters()) as rec:
         model(torch.randn(B, 3, 32, 32)).sum()
     return rec.activation_bytes

@@ -31,9 +31,9 @@ def _authors_loop(method, backbone, images):
 
 @pytest.mark.parametrize("name,add_from", [("dtl", 0), ("dtl", 1), ("dtl", 2), ("dtl_plus", 1), ("dtl_plus", 0)])
 def test_prefix_from_points_and_live_blocks_compute_the_authors_loop(name, add_from):
-    torch.manual_seed(0)
     bb = tiny_backbone()
-    model = TunedModel(bb, create_method(name, bb, 5, {"add_from": add_from}))
+    model = TunedModel.build(bb, name, 5, {"add_from": add_from}, seed=0)
+    torch.manual_seed(0)  # the test's own draws
     for b in model.method.up:  # B starts at zero: give the side information something to carry
         torch.nn.init.normal_(b.weight, std=0.5)
     assert model.method.live_blocks(bb) == tuple(range(add_from + 1, bb.depth))
@@ -43,9 +43,9 @@ def test_prefix_from_points_and_live_blocks_compute_the_authors_loop(name, add_f
 
 
 def test_training_starts_from_the_backbones_mean_pooled_feature():
-    torch.manual_seed(0)
     bb = tiny_backbone()
-    model = TunedModel(bb, create_method("dtl_plus", bb, 5))
+    model = TunedModel.build(bb, "dtl_plus", 5, seed=0)
+    torch.manual_seed(0)  # the test's own draws
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         x = bb.model.forward_features(images)  # ends in the final norm; the authors' pool norms after the mean
@@ -56,8 +56,8 @@ def test_training_starts_from_the_backbones_mean_pooled_feature():
 
 def test_only_the_blocks_above_add_from_are_read_live():
     bb = tiny_backbone()
-    low = TunedModel(bb, create_method("dtl", bb, 5, {"add_from": 0}))
-    top = TunedModel(bb, create_method("dtl", bb, 5, {"add_from": 2}))
+    low = TunedModel.build(bb, "dtl", 5, {"add_from": 0})
+    top = TunedModel.build(bb, "dtl", 5, {"add_from": 2})
     assert [p.blocks for p in low.points_read()] == [(0,), (0,)]
     assert [p.blocks for p in top.points_read()] == [(0,), (0, 1, 2)] and top.method.live_blocks(bb) == ()
 
@@ -69,8 +69,8 @@ def test_vitb_counts_match_the_authors_settings():
 
     bb = load_backbone("vit_base_patch16_224")
     head = 768 * 100 + 100
-    assert TunedModel(bb, create_method("dtl", bb, 100)).num_trainable() == 12 * 2 * 2 * 768 + head
-    assert TunedModel(bb, create_method("dtl_plus", bb, 100)).num_trainable() == 12 * 2 * 2 * 768 + 9 * 768 + head
+    assert TunedModel.build(bb, "dtl", 100).num_trainable() == 12 * 2 * 2 * 768 + head
+    assert TunedModel.build(bb, "dtl_plus", 100).num_trainable() == 12 * 2 * 2 * 768 + 9 * 768 + head
 
 
 def test_bad_options_are_refused_by_name():

@@ -37,9 +37,8 @@ CASES = [pytest.param(m, {}, id=m) for m in METHODS] + [
 
 
 def _model(name, num_classes=5, options=None, **kw):
-    torch.manual_seed(0)
-    bb = tiny_backbone(**kw)
-    return TunedModel(bb, create_method(name, bb, num_classes, options))
+    torch.manual_seed(0)  # the test's own draws
+    return TunedModel.build(tiny_backbone(**kw), name, num_classes, options, seed=0, own_backbone=True)
 
 
 def _step(model, steps=3):
@@ -135,17 +134,17 @@ def test_vitb_parameter_counts():
     from qtune.backbones import load_backbone
 
     bb = load_backbone("vit_base_patch16_224")
-    synqt = TunedModel(bb, create_method("synqt", bb, 100, ["tokens=4"])).num_trainable()
+    synqt = TunedModel.build(bb, "synqt", 100, ["tokens=4"]).num_trainable()
     assert abs(synqt - 2.73e6) / 2.73e6 < 0.01, synqt
-    vqt = TunedModel(bb, create_method("vqt", bb, 100, ["tokens=1"]))
+    vqt = TunedModel.build(bb, "vqt", 100, ["tokens=1"])
     assert vqt.method.queries.numel() == 12 * 768
     assert vqt.num_trainable() == 12 * 768 + (13 * 768) * 100 + 100
     # Head2Toe at the authors' target size 8192: 10 windows of 18 tokens per 768-wide point, 2 of 73 for the MLP's
     # 3072-wide hidden layer; LST at r = 8: a 96-wide ladder
-    h2t = TunedModel(bb, create_method("head2toe", bb, 100)).num_trainable()
+    h2t = TunedModel.build(bb, "head2toe", 100).num_trainable()
     assert h2t == (768 + 12 * (3 * 10 * 768 + 2 * 3072)) * 100 + 100
     side_block = 4 * 96 + 3 * 96 * 96 + 3 * 96 + 96 * 96 + 96 + 96 * 384 + 384 + 384 * 96 + 96
-    lst = TunedModel(bb, create_method("lst", bb, 100)).num_trainable()
+    lst = TunedModel.build(bb, "lst", 100).num_trainable()
     assert lst == 13 * 768 * 96 + 12 * side_block + 12 + 96 * 768 + 768 * 100 + 100
 
 

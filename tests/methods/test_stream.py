@@ -15,9 +15,9 @@ BACKBONES = {"plain": {}, "layerscale_qknorm": {"init_values": 0.1, "qk_norm": T
 
 
 def _tuned(name, options=None, backbone=None, num_classes=5, seed=0):
-    torch.manual_seed(seed)
-    bb = backbone or tiny_backbone()
-    return TunedModel(bb, create_method(name, bb, num_classes, options))
+    torch.manual_seed(seed)  # the test's own draws
+    # the model wraps the backbone it is given, which some tests then run through timm's own forward
+    return TunedModel.build(backbone or tiny_backbone(), name, num_classes, options, seed=seed, own_backbone=True)
 
 
 def _features(model, x):
@@ -195,9 +195,9 @@ def test_bad_input_is_a_one_line_config_error(name, options, message):
 
 def test_a_backbone_carries_one_stream_model():
     bb = tiny_backbone()
-    TunedModel(bb, create_method("lora", bb, 3))
+    TunedModel.build(bb, "lora", 3, own_backbone=True)
     with pytest.raises(ConfigError, match="already carries"):
-        TunedModel(bb, create_method("adapter", bb, 3))
+        TunedModel.build(bb, "adapter", 3, own_backbone=True)
 
 
 def test_wrapped_dropout_follows_the_model_mode_and_the_frozen_layers_stay_in_eval():
