@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..backbones import Backbone, load_backbone
+from ..backbones import Backbone, BackboneSpec
 from ..backbones.vit import identity_difference
 from ..errors import CacheStaleError, DataError
 from .rows import DatasetRows, reread_sources, rows_difference
@@ -52,9 +52,11 @@ def source_backbone(cache: TapCache, weights: str | None = None) -> Backbone | N
     src = cache.manifest.get("backbone_source")
     if not src or (src.get("pretrained") and not (weights or src.get("weights"))):
         return None
-    src = {**src, "weights": weights or src.get("weights")}
-    return load_backbone(src.get("name"), src.get("weights"), pretrained=False, model_args=src.get("model_args"),
-                         preprocessing=src.get("preprocessing"), init_seed=src.get("init_seed", 0))
+    weights = weights or src.get("weights")
+    # never from the hub: with a weights file in hand it is read; without one the build ran on random weights
+    return BackboneSpec(src.get("name"), weights, model_args=src.get("model_args") or {},
+                        preprocessing=src.get("preprocessing") or {}, init_seed=src.get("init_seed", 0),
+                        random_init=not weights).load()
 
 
 def verify_cache(path: str | Path, *, checksums: bool = True, dataset: bool = True, weights: bool = True,

@@ -97,15 +97,17 @@ def load_checkpoints(paths: Sequence[str | Path], weights: str | Path | None = N
     names). Side-path models share it; a stream method gets its own copy, since it changes the backbone."""
     import copy
 
-    from ..backbones import load_backbone
+    from ..backbones import BackboneSpec
     from ..methods import get_method
 
     first = read_adapter_config(Path(paths[0]))
     bb = first["backbone"]
     weights = weights or first.get("backbone_weights")
+    # without a weights file the checkpoint was trained on random weights, rebuilt from the default seed
+    spec = BackboneSpec(bb["name"], None if weights is None else str(weights), model_args=bb["model_args"],
+                        preprocessing=first.get("preprocessing") or {}, random_init=not weights)
     try:
-        backbone = load_backbone(bb["name"], weights, model_args=bb["model_args"],
-                                 preprocessing=first.get("preprocessing"))
+        backbone = spec.load()
     except WeightsError as e:  # e.g. weights of another architecture: say which backbone the checkpoint needs
         raise CheckpointError(f"{paths[0]}: trained on {_described(bb, first.get('backbone_weights'))}; the "
                               f"weights given do not load into it: {e}") from None
