@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 
 from qtune.backbones import load_backbone
 from qtune.data import ImageDataset
-from qtune.data.benchmarks import read_vtab
+from qtune.data.layouts import read_vtab
 from qtune.data.offline import ALL_TASKS, make_offline_benchmark
 from qtune.demo import DEMO_TASKS
 

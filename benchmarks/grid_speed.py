@@ -22,7 +22,7 @@ import torch
 
 from qtune.backbones import load_backbone
 from qtune.cache import build_cache, cached_splits
-from qtune.data.benchmarks import read_vtab
+from qtune.data.layouts import read_vtab
 from qtune.data.offline import ALL_TASKS, make_offline_benchmark
 from qtune.engine.config import TrainConfig
 from qtune.engine.loop import fit

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from qtune.cli import main
-from qtune.data.benchmarks import read_fgvc, read_vtab
 from qtune.data.check import check_vtab
+from qtune.data.layouts import read_fgvc, read_vtab
 from qtune.data.prepare import RULES, UNSUPPORTED, VTAB_TEST_SIZES, prepare_fgvc, prepare_vtab
 from qtune.data.prepare.raw import clevr_distance_label, kitti_distance_label
 from qtune.data.prepare.write import Slice

@@ -284,7 +284,7 @@ def test_ray_executor_matches_local(task, tmp_path):
 
 def test_fewshot_tasks_select_on_val_train_on_shots_and_plot(tmp_path):
     from qtune.experiments.spec import load_spec
-    from tests.data.test_benchmarks import make_fgvc
+    from tests.data.test_layouts import make_fgvc
 
     ann = make_fgvc(tmp_path / "fgvc")
     methods = "[methods.linear]\ngrid = { lr = [0.01, 0.001] }\n"

@@ -2,7 +2,7 @@
 import pytest
 
 from qtune.cli import _method_and_config, build_parser
-from qtune.data.benchmarks import VTAB_TASKS
+from qtune.data.layouts import VTAB_TASKS
 from qtune.engine.config import TrainConfig
 from qtune.errors import ConfigError
 from qtune.methods import get_method

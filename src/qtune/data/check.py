@@ -8,8 +8,8 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import DataError
-from .benchmarks import VTAB_SPLITS, is_vtab_folder, read_fgvc, read_vtab, vtab_task
 from .datasets import Listing, _first, read_split
+from .layouts import VTAB_SPLITS, is_vtab_folder, read_fgvc, read_vtab, vtab_task
 
 SPLIT_FOLDERS = ("train", "val", "test")
 MAX_CLASSES_SHOWN = 20

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backbones import BackboneSpec
-from ..data.benchmarks import VTAB_TASKS
+from ..data.layouts import VTAB_TASKS
 from ..data.offline import ALL_TASKS
 from ..engine.config import TrainConfig
 from ..errors import ConfigError

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..data import Listing
-from ..data.benchmarks import FGVC_TASKS, read_fgvc, read_vtab, vtab_task
+from ..data.layouts import FGVC_TASKS, read_fgvc, read_vtab, vtab_task
 from ..data.offline import ALL_TASKS
 from ..errors import DataError
 
@@ -74,7 +74,7 @@ class TaskData:
 
 def fgvc_sources(entry: dict[str, Any], base: Path, where: str) -> list[TaskSource]:
     """The tasks of one ``[[tasks.fgvc]]`` entry: one per (shots, split seed)."""
-    from ..data.benchmarks import FGVC_SEEDS, FGVC_SHOTS
+    from ..data.layouts import FGVC_SEEDS, FGVC_SHOTS
     from ..errors import ConfigError
 
     unknown = sorted(set(entry) - {"annotations", "images", "name", "shots", "seeds"})

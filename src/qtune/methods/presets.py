@@ -113,7 +113,7 @@ def preset_names() -> list[str]:
 
 def get_preset(name: str) -> Preset:
     """``METHOD:vtab/TASK``; VTAB task aliases (``dsprites_location``, ``pets``, ...) are accepted."""
-    from ..data.benchmarks import VTAB_TASKS
+    from ..data.layouts import VTAB_TASKS
 
     method, sep, rest = name.strip().lower().partition(":")
     suite, slash, task = rest.partition("/")

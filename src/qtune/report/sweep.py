@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from statistics import mean, pstdev
 
-from ..data.benchmarks import VTAB_GROUPS, VTAB_TASKS, vtab_task
+from ..data.layouts import VTAB_GROUPS, VTAB_TASKS, vtab_task
 from ..data.offline import ALL_TASKS
 from ..experiments.store import Store, Trial
 from ..io import write_text

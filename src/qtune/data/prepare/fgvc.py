@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import ConfigError, DataError
-from ..benchmarks import FGVC_SEEDS, FGVC_SHOTS, FGVC_TASKS
+from ..layouts import FGVC_SEEDS, FGVC_SHOTS, FGVC_TASKS
 from . import raw
 from .raw import Item, Pool
 from .write import generator, order, place

@@ -12,7 +12,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..benchmarks import VTAB_SPLITS, VTAB_TASKS
+from ..layouts import VTAB_SPLITS, VTAB_TASKS
 from . import raw
 from .write import Plan, Slice
 
@@ -113,7 +113,7 @@ assert all(len(r.plan().lists) == len(VTAB_SPLITS) for r in RULES.values())
 
 def rule_for(name: str) -> Rule:
     from ...errors import ConfigError
-    from ..benchmarks import vtab_task
+    from ..layouts import vtab_task
 
     task = vtab_task(name)
     if task is None:

@@ -1,4 +1,4 @@
-"""The benchmarks of the papers, in the on-disk layouts that circulate.
+"""The papers' datasets in the on-disk layouts that circulate, and their task registries.
 
 VTAB-1k (Zhai et al. 2019): one folder per task with ``train800``, ``val200``, ``train800val200`` and ``test`` lists,
 either ``.txt`` (``relative/path.jpg label`` lines: NOAH, FacT, SSF) or ``.json`` (``{"relative/path.png": label}``:

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from qtune.cli import main
-from qtune.data.benchmarks import VTAB_GROUPS, VTAB_TASKS, read_fgvc, read_vtab, vtab_task
 from qtune.data.check import check_dataset
+from qtune.data.layouts import VTAB_GROUPS, VTAB_TASKS, read_fgvc, read_vtab, vtab_task
 from qtune.errors import DataError
 
 SIZES = {"train800": 8, "val200": 4, "train800val200": 12, "test": 6}
