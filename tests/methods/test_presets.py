@@ -24,7 +24,7 @@ def test_synqt_values_match_the_authors_configs():
     assert get_preset("synqt:vtab/oxford_iiit_pet").options == {"tokens": 1, "attn_scale": 0.1, "ffn_scale": 1.0,
                                                                  "feat_scale": 1.0}
     assert p.train == {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 64, "epochs": 50,
-                       "warmup_epochs": 10, "min_lr": 1e-6}
+                       "warmup_epochs": 10, "min_lr": 1e-6, "decay_all": True}
 
 
 def test_vqt_tokens_and_grid():
@@ -49,10 +49,12 @@ def test_cli_flags_override_the_preset_which_overrides_the_defaults():
     from qtune.methods.presets import method_recipe
 
     method, options, cfg, recipe = _method_and_config(_args("--preset", "synqt:vtab/clevr_count", "-O", "tokens=2",
-                                                            "--epochs", "3", "--decay-all"))
+                                                            "--epochs", "3"))
     assert method == "synqt" and options["tokens"] == "2" and options["feat_scale"] == 0.1
     assert get_method("synqt").config_class.from_dict(options).tokens == 2  # typed by the method's config
+    # the authors' optimiser: decay on every tensor, unless a flag says otherwise
     assert cfg.epochs == 3 and cfg.warmup_epochs == 10 and cfg.decay_all and recipe == "synqt:vtab/clevr_count preset"
+    assert not _method_and_config(_args("--preset", "synqt:vtab/clevr_count", "--no-decay-all"))[2].decay_all
     method, options, cfg, _ = _method_and_config(_args("--method", "vqt", "--preset", "vqt:vtab/svhn"))
     assert options == {"tokens": 20} and cfg.batch_size == 128 and cfg.optimizer == "adam"
     _, _, cfg, recipe = _method_and_config(_args("--method", "linear"))  # the method's own recipe

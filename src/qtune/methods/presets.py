@@ -2,9 +2,9 @@
 
 - SynQT: tokens n, s' (attention scale), s'' (FFN scale) and f (feature scale) per VTAB-1k task, from the authors'
   released ``configs/vit_21k/<task>.yaml`` (the outcome of their search; their ``train.py`` reads only these four
-  keys). Recipe: AdamW, lr 1e-3, wd 1e-2, batch 64, 50 epochs, 10 warmup epochs from 0, half-cycle cosine to 1e-6,
-  stepped every iteration (paper section 4 and the authors' ``train.py``). Search space of the paper: n in {1, 4, 16},
-  s' and s'' in {0.1, 1}.
+  keys). Recipe: AdamW, lr 1e-3, wd 1e-2 on every trainable tensor, batch 64, 50 epochs, 10 warmup epochs from 0,
+  half-cycle cosine to 1e-6, stepped every iteration (paper section 4 and the authors' ``train.py``). Search space
+  of the paper: n in {1, 4, 16}, s' and s'' in {0.1, 1}.
 - VQT: query tokens per VTAB-1k task from the authors' ``run_demo_exp.sh`` (1; 10 for sNORB-elevation and
   Clevr-distance; 20 for SVHN, DMLab, dSprites-location, sNORB-azimuth, KITTI). Recipe: Adam (weight decay coupled
   into the gradient), batch 128, 100 epochs, 10 warmup epochs, cosine; grid lr in {1, 0.5, 0.25, 0.1, 0.05} x 128/256
@@ -45,8 +45,9 @@ VQT_TOKENS: dict[str, int] = {name: 1 for name in SYNQT_VTAB} | {
     "svhn": 20, "dmlab": 20, "dsprites_loc": 20, "smallnorb_azi": 20, "kitti": 20,
 }
 
+# decay_all: the authors' AdamW decays every trainable tensor (biases, norms and the scales s', s'', f too).
 SYNQT_RECIPE: dict[str, Any] = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 64,
-                                "epochs": 50, "warmup_epochs": 10, "min_lr": 1e-6}
+                                "epochs": 50, "warmup_epochs": 10, "min_lr": 1e-6, "decay_all": True}
 VQT_RECIPE: dict[str, Any] = {"optimizer": "adam", "lr": 0.125, "weight_decay": 1e-4, "batch_size": 128,
                               "epochs": 100, "warmup_epochs": 10, "min_lr": 0.0}
 # Each method's own training recipe, which `qtune train` starts from (flags override it): the papers' (or their
