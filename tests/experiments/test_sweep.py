@@ -145,10 +145,10 @@ def test_a_spec_listing_the_grid_in_another_order_reuses_trials_and_chooses_the_
     from qtune.report.sweep import sweep_rows
 
     out = tmp_path / "run"
-    spec = write_spec(tmp_path / "a.toml", task, methods="[methods.linear]\ngrid = { lr = [0.1, 0.001] }\n",
+    spec = write_spec(tmp_path / "a.toml", task, methods="[methods.linear]\ngrid = { lr = [0.1, 1e-6] }\n",
                       selection="val", seeds="[0]")
     h1 = run_sweep(spec, out, jobs=1, progress=False)
-    write_spec(spec, task, methods="[methods.linear]\ngrid = { lr = [0.001, 0.1] }\n", selection="val", seeds="[0]")
+    write_spec(spec, task, methods="[methods.linear]\ngrid = { lr = [1e-6, 0.1] }\n", selection="val", seeds="[0]")
     h2 = run_sweep(spec, out, jobs=1, progress=False)
     store = Store(out / "store.sqlite")
     assert {t.key for t in store.trials(h2)} == {t.key for t in store.trials(h1)}  # nothing retrained
@@ -198,6 +198,7 @@ def test_val_selection_holds_out_val200(task, tmp_path):
     h = run_sweep(spec, tmp_path / "run", jobs=1, progress=False)
     folds = [t for t in Store(tmp_path / "run" / "store.sqlite").trials(h) if t.kind == "fold"]
     assert len(folds) == 2 and {t.metrics["held_out"] for t in folds} == {8} and {t.fold for t in folds} == {-1}
+    assert {t.metrics["trained_on"] for t in folds} == {24}  # train800 alone: val200 is not in its batches
 
 
 def test_failed_unit_is_recorded_and_the_sweep_goes_on(task, tmp_path, monkeypatch, capsys):
@@ -301,6 +302,9 @@ def test_fewshot_tasks_select_on_val_train_on_shots_and_plot(tmp_path):
     trials = Store(tmp_path / "run" / "store.sqlite").trials(h)
     assert all(t.state == "done" for t in trials) and len([t for t in trials if t.kind == "final"]) == 4
     assert {t.metrics["held_out"] for t in trials if t.kind == "fold"} == {2}
+    # every run reads only the shots it trains on: an epoch is a pass over k shots per class, not over shots + val
+    shots = {t.task: int(t.task.split("-")[2][0]) * 3 for t in trials}  # 3 classes
+    assert all(t.metrics["trained_on"] == shots[t.task] for t in trials)
     write_report(tmp_path / "run")
     md = (tmp_path / "run" / "report" / "fewshot.md").read_text()
     assert "1-shot" in md and "2-shot" in md and "oxford-pets" in md

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -41,6 +41,10 @@ class Listing:
     @property
     def labels(self) -> list[int]:
         return [y for _, y in self.samples]
+
+    def select(self, keep: Sequence[bool]) -> Listing:
+        """The samples where ``keep`` is true, in order."""
+        return replace(self, samples=tuple(s for s, k in zip(self.samples, keep, strict=True) if k))
 
     def check_files(self) -> None:
         """Every listed file exists; names the first missing ones and their count."""

@@ -75,8 +75,11 @@ class Plan:
     @property
     def protocol(self) -> dict[str, Any]:
         s = self.spec
-        return {"selection": s.selection, "folds": s.folds if s.selection == "kfold" else 1, "seed": s.seed,
-                "cache_dtype": s.cache_dtype}
+        out = {"selection": s.selection, "folds": s.folds if s.selection == "kfold" else 1, "seed": s.seed,
+               "cache_dtype": s.cache_dtype}
+        # Runs that train on one subset of the pool read only its samples (units.trained_samples); under
+        # selection on val that is every run (k-fold's candidates read the whole pool, as they did before).
+        return {**out, "batches": "trained samples"} if s.selection == "val" else out
 
     @property
     def folds(self) -> list[int]:

@@ -1,5 +1,6 @@
-"""The tasks a sweep runs, as one shape: a pool of training images (what the cache holds and every run reads, each
-run weighting its samples), the pool's validation samples, the samples final runs train on, and the test split.
+"""The tasks a sweep runs, as one shape: a pool of training images (what the cache holds), the pool's validation
+samples, the samples final runs train on, and the test split. A run reads the pool's samples it trains on; k-fold
+candidates read the whole pool, each weighting its own held-out fold by 0 (``units.trained_samples``).
 
 - VTAB-1k: the pool is train800val200; val200 is the validation fold; final runs train on the whole pool.
 - Few-shot FGVC (NOAH lists): the pool is the k-shot train list plus val; final runs train on the k shots only, so

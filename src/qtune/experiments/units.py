@@ -111,13 +111,13 @@ def _ticker(unit: Unit, what: str, step: str = "epoch", every: float = 20.0) -> 
     return tick
 
 
-def _train_batches(model, unit: Unit, listing):
+def _batches(model, unit: Unit, listings):
     from ..cache import batches_for
 
-    batches, notes = batches_for(model, unit.cache if model.reads_taps else None, {"train": listing})
+    batches, notes = batches_for(model, unit.cache if model.reads_taps else None, listings)
     if notes:
         say("\n".join(notes))
-    return batches["train"]
+    return batches
 
 
 def _held_out(unit: Unit, data) -> Any:
@@ -151,6 +151,16 @@ def _fit(models, batches, cfgs, weights, tick, selection: bool) -> None:
             on_epoch=tick and (lambda r: tick(r["epoch"])), stop_on_nonfinite=not selection)
 
 
+def trained_samples(pool, weights):
+    """What a unit's models train on: when they all weight the same samples (selection on val, final runs), those
+    samples alone and no weights, so an epoch is one pass over the training set at the recipe's batch size (a
+    few-shot pool's val samples would otherwise make its epochs up to 17x longer and its batches mostly weight 0);
+    k-fold candidates, each leaving out its own fold, read the whole pool with their weights."""
+    if bool((weights == weights[0]).all()):
+        return pool.select(weights[0].tolist()), None
+    return pool, weights.float()
+
+
 def select(unit: Unit) -> Outcome:
     import torch
 
@@ -161,16 +171,17 @@ def select(unit: Unit) -> Outcome:
     cfgs = [i.train for i in unit.items]
     models = _build(backbone, unit, unit.items)
     masks = torch.stack([held[max(i.fold, 0)] for i in unit.items])
-    weights = (~masks & (data.final_train | data.val)).float()
-    batches = _train_batches(models[0], unit, data.pool)
+    train, weights = trained_samples(data.pool, ~masks & (data.final_train | data.val))
+    scored = masks.any(0)
+    batches = _batches(models[0], unit, {"train": train, "scored": data.pool.select(scored.tolist())})
     t0 = time.perf_counter()
-    _fit(models, batches, cfgs, weights, _ticker(unit, f"{unit.items[0].label} selection x{len(models)}"),
+    _fit(models, batches["train"], cfgs, weights, _ticker(unit, f"{unit.items[0].label} selection x{len(models)}"),
          selection=True)
-    logits, labels = predict(models, batches, cfgs[0])
+    logits, labels = predict(models, batches["scored"], cfgs[0])
     seconds = (time.perf_counter() - t0) / len(models)
-    accs = accuracies(logits, labels, masks)
+    accs = accuracies(logits, labels, masks[:, scored])
     return Outcome({i.key: {"metric": a, "seconds": seconds, "trainable_parameters": m.num_trainable(),
-                            "metrics": {"held_out": int(k.sum())}}
+                            "metrics": {"held_out": int(k.sum()), "trained_on": len(train.samples)}}
                     for i, a, m, k in zip(unit.items, accs, models, masks)})
 
 
@@ -182,8 +193,7 @@ def final(unit: Unit) -> Outcome:
     from ..memory.step import COMPARED_BATCH, step_memory
 
     backbone, data = unit.backbone.load(), unit.source.read()
-    # Few-shot tasks: final runs train on the k shots only (weight 0 on the pool's val samples).
-    weight = None if bool(data.final_train.all()) else data.final_train.float()
+    train, _ = trained_samples(data.pool, data.final_train[None])  # few-shot: the k shots, not the pool's val list
     by_label: dict[str, list[Item]] = {}
     for i in unit.items:
         by_label.setdefault(i.label, []).append(i)
@@ -193,15 +203,15 @@ def final(unit: Unit) -> Outcome:
     for items in by_label.values():
         cfgs = [i.train for i in items]
         models = _build(backbone, unit, items)
-        batches = _train_batches(models[0], unit, data.pool)
+        batches = _batches(models[0], unit, {"train": train})["train"]
         t0 = time.perf_counter()
-        _fit(models, batches, cfgs, None if weight is None else weight.expand(len(models), -1),
-             _ticker(unit, f"{items[0].label} final x{len(models)}"), selection=False)
+        _fit(models, batches, cfgs, None, _ticker(unit, f"{items[0].label} final x{len(models)}"), selection=False)
         seconds = (time.perf_counter() - t0) / len(models)
         for i, m in zip(items, models):
             save_adapter(Path(unit.checkpoints) / i.key, m, data.pool.classes,
                          {"backbone_weights": unit.backbone.weights, "trial": i.key})
-            results[i.key] = {"seconds": seconds, "trainable_parameters": m.num_trainable()}
+            results[i.key] = {"seconds": seconds, "trainable_parameters": m.num_trainable(),
+                              "metrics": {"trained_on": len(train.samples)}}
             trained.append((i, m))
         measure.append((items, models[0], batches, cfgs[0].batch_size))
     # The test split, traced once: every final model of the task reads each traced batch.
@@ -209,8 +219,9 @@ def final(unit: Unit) -> Outcome:
     images = ImageBatches(ImageDataset(data.test, backbone.preprocessing.transform()))
     logits, labels = predict([m for _, m in trained], images, TrainConfig(batch_size=batch, progress=False))
     for (i, _), acc in zip(trained, accuracies(logits, labels)):
-        results[i.key].update(metric=acc, metrics={"test_images": len(labels), "test_evaluations": 1,
-                                                   "checkpoint": str(Path(unit.checkpoints) / i.key)})
+        results[i.key]["metric"] = acc
+        results[i.key]["metrics"].update(test_images=len(labels), test_evaluations=1,
+                                         checkpoint=str(Path(unit.checkpoints) / i.key))
     # Memory last: measuring takes a training step, which changes the model it measures. Methods compare at one
     # batch size; the recipe's own batch is kept beside it.
     for items, model, batches, batch_size in measure:
