@@ -44,9 +44,14 @@ def optimizer_and_schedule(model: nn.Module, cfg: TrainConfig, steps_per_epoch: 
         warmup = total // 2
         print(f"qtune: warmup of {cfg.warmup_epochs:g} epochs is not shorter than training ({cfg.epochs} epochs): "
               f"warming up over the first half ({warmup} of {total} steps) instead", file=sys.stderr)
-    scheduler = CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=cfg.min_lr, warmup_t=warmup,
-                                  warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
-    return optimizer, scheduler
+    return optimizer, warmup_cosine(optimizer, total, warmup, cfg.min_lr)
 
 
-__all__ = ["epoch_order", "optimizer_and_schedule", "training_loss"]
+def warmup_cosine(optimizer: torch.optim.Optimizer, total: int, warmup: int, min_lr: float) -> CosineLRScheduler:
+    """Linear warmup from 0 over the first ``warmup`` of ``total`` steps, then half a cosine to ``min_lr``; call
+    ``step_update(n)`` with the number of steps taken, which makes the rate a function of the step alone."""
+    return CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=min_lr, warmup_t=warmup, warmup_lr_init=0.0,
+                             warmup_prefix=True, t_in_epochs=False)
+
+
+__all__ = ["epoch_order", "optimizer_and_schedule", "training_loss", "warmup_cosine"]

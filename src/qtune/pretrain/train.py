@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import platform
 import time
@@ -30,8 +29,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 import timm
 from timm.models.vision_transformer import VisionTransformer
+from timm.scheduler import CosineLRScheduler
 
+from qtune.engine.predict import accuracies
 from qtune.engine.state import load_state, save_state
+from qtune.engine.steps import warmup_cosine
 from qtune.io import append_jsonl, atomic_write, file_sha256, write_text
 from qtune.pretrain import data as pretrain_data
 from qtune.pretrain.fractal import FractalDataset
@@ -137,12 +139,10 @@ def _paths(out_path: Path) -> dict[str, Path]:
     }
 
 
-def _lr_at(step: int, total: int, config: PretrainConfig) -> float:
-    warmup = max(1, int(config.warmup_fraction * total))
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+def _schedule(opt: torch.optim.Optimizer, total: int, config: PretrainConfig) -> CosineLRScheduler:
+    """The engine's warmup + cosine over ``total`` steps, the first ``warmup_fraction`` of them (at least one)
+    warming up."""
+    return warmup_cosine(opt, total, max(1, int(config.warmup_fraction * total)), config.min_lr)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -183,14 +183,13 @@ def _batch_index(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
 def _train_step(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
+    schedule: CosineLRScheduler,
     data: FractalDataset,
     step: int,
-    total: int,
     config: PretrainConfig,
 ) -> tuple[float, float]:
     """One optimisation step; the batch, the augmentation and the learning rate are functions of the step alone."""
-    for group in opt.param_groups:
-        group["lr"] = _lr_at(step, total, config)
+    schedule.step_update(step)
     images, labels = data.batch(_batch_index(step, len(data), config.batch_size, config.seed))
     gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     logits = model(_normalise(_augment(images, gen, config.crop_scale)))
@@ -200,19 +199,22 @@ def _train_step(
     if config.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
     opt.step()
-    return float(loss.detach()), float((logits.detach().argmax(1) == labels).float().mean())
+    return float(loss.detach()), accuracies(logits.detach()[None], labels)[0]
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: FractalDataset, batch_size: int = 256) -> float:
     """Top-1 accuracy on un-augmented images."""
+    if not len(data):
+        return 0.0
     model.eval()
-    correct = 0
+    logits, labels = [], []
     for start in range(0, len(data), batch_size):
-        images, labels = data.batch(np.arange(start, min(start + batch_size, len(data))))
-        correct += int((model(_normalise(images)).argmax(1) == labels).sum())
+        images, y = data.batch(np.arange(start, min(start + batch_size, len(data))))
+        logits.append(model(_normalise(images)))
+        labels.append(y)
     model.train()
-    return correct / max(1, len(data))
+    return accuracies(torch.cat(logits)[None], torch.cat(labels))[0]  # (1, N, classes): a stack of one model
 
 
 def measure_throughput(config: PretrainConfig, threads: int, batch_size: int = 128, steps: int = 5) -> float:
@@ -289,14 +291,19 @@ def pretrain(
     opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
     history: dict[str, Any] = {"wall_time_s": 0.0, "resumed_at": [], "render_s": time.time() - t_start}
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, total, history = state["step"], state["total_steps"], state["history"]
-        history["resumed_at"].append(step)
-        log.info("resuming at step %d of %d", step, total)
+        step, total = state["step"], state["total_steps"]
     else:
         step = 0
         total = config.steps if config.steps is not None else _fit_steps(config, t_start)
+    # made before the optimiser's state is loaded, so that its base rate is config.lr; it has no state of its own
+    # to resume: the rate is a function of the step
+    schedule = _schedule(opt, total, config)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history = state["history"]
+        history["resumed_at"].append(step)
+        log.info("resuming at step %d of %d", step, total)
     model.train()
 
     def checkpoint() -> None:
@@ -322,7 +329,7 @@ def pretrain(
             if budget_s is not None and time.time() - t_start > budget_s:
                 log.warning("time budget spent at step %d of %d; run again to resume", step, total)
                 break
-            window.append(_train_step(model, opt, data, step, total, config))
+            window.append(_train_step(model, opt, schedule, data, step, config))
             step += 1
             if step % config.log_every == 0 or step == total:
                 now = time.time()
@@ -332,7 +339,7 @@ def pretrain(
                     "total": total,
                     "loss": float(loss),
                     "train_acc": float(acc),
-                    "lr": _lr_at(step - 1, total, config),
+                    "lr": opt.param_groups[0]["lr"],  # the last step's
                     "img_per_s": config.batch_size * len(window) / max(now - last_log, 1e-9),
                 }
                 append_jsonl(paths["log"], record)
@@ -379,12 +386,12 @@ def _finish(
     held_out = FractalDataset.build(
         config.num_classes, config.eval_images_per_class, config.img_size, config.seed, EVAL_STREAM
     )
-    top1 = evaluate(model, held_out)
+    top1 = round(evaluate(model, held_out), 6)  # a float32 mean: six places are all it holds
     log.info("held-out top-1 on %d fresh renders: %.4f", len(held_out), top1)
     evals = {"held_out_top1": top1, "num_images": len(held_out)}
     if config.data == "fractal+fashion_mnist":  # its own test split, with the fractal classes' outputs allowed
         fashion = pretrain_data.fashion_set(config.img_size, "test", offset=config.num_classes)
-        evals["fashion_mnist_test_top1"] = evaluate(model, fashion)
+        evals["fashion_mnist_test_top1"] = round(evaluate(model, fashion), 6)
         evals["fashion_mnist_test_images"] = len(fashion)
         log.info("Fashion-MNIST test top-1: %.4f", evals["fashion_mnist_test_top1"])
 
