@@ -1,5 +1,5 @@
-"""Where units run: in this process, a local pool of processes (one torch thread each), or a Ray cluster. Each
-yields (unit, outcome) as units finish; only the driver writes the store."""
+"""Where units run: in this process, a local pool of processes (one torch thread each), or a Ray cluster
+(``cluster``). Each yields (unit, outcome) as units finish; only the driver writes the store."""
 from __future__ import annotations
 
 import multiprocessing
@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Iterator
 
-from ..errors import ConfigError
+from .cluster import run_units
 from .units import Outcome, Unit, run_unit
 
 EXECUTORS = ("local", "ray")
@@ -36,26 +36,14 @@ def _exit_with_driver(driver: int) -> None:
     os._exit(1)
 
 
-def execute(units: list[Unit], executor: str, jobs: int, address: str | None) -> Iterator[tuple[Unit, Outcome]]:
-    """(unit, outcome) as units finish; a worker that died gives an outcome with its error."""
+def execute(units: list[Unit], executor: str, jobs: int, address: str | None,
+            gpus_per_unit: float = 1.0) -> Iterator[tuple[Unit, Outcome]]:
+    """(unit, outcome) as units finish; a worker that died gives an outcome with its error. On Ray a unit that
+    trains on a GPU asks for ``gpus_per_unit`` of one (``cluster``)."""
     if not units:
         return
     if executor == "ray":
-        try:
-            import ray
-        except ImportError:
-            raise ConfigError("--executor ray needs Ray: pip install 'qtune[ray]'") from None
-        if not ray.is_initialized():
-            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-        remote = ray.remote(num_cpus=1, max_retries=0)(run_unit)
-        pending = {remote.remote(u): u for u in units}
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            unit = pending.pop(ref)
-            try:
-                yield unit, ray.get(ref)
-            except Exception as e:  # the worker died (Ray raises here instead of returning)
-                yield unit, Outcome(error=f"{type(e).__name__}: {e}".splitlines()[0])
+        yield from run_units(units, address, gpus_per_unit)
         return
     if jobs == 1:
         for u in units:

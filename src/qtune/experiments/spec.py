@@ -22,6 +22,7 @@ folds = 5
 seed = 0                   # folds and the shared batch order
 seeds = [0, 1, 2]          # final runs of the chosen config
 cache_dtype = "fp16"
+gpus_per_unit = 1          # GPUs a unit training on "cuda" asks Ray for (0.25: four units share one)
 
 [methods.synqt]
 preset = "synqt:vtab/{task}"          # optional; VTAB tasks only
@@ -127,6 +128,7 @@ class SweepSpec:
     methods: list[MethodSpec]
     overrides: dict[str, dict[str, dict[str, Any]]]
     offline_test_size: int = 500
+    gpus_per_unit: float = 1.0  # GPUs a unit training on "cuda" asks Ray for (placement: not part of any key)
 
     def candidates(self, task: str, method: MethodSpec) -> list[Candidate]:
         """The method's grid on ``task``: preset < spec [train] < method < override < grid point."""
@@ -238,7 +240,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     _check_train(train, where("train"))
 
     proto = _table(raw.get("protocol", {}), where("protocol"))
-    _check_keys(proto, ("selection", "folds", "seed", "seeds", "cache_dtype"), where("protocol"))
+    _check_keys(proto, ("selection", "folds", "seed", "seeds", "cache_dtype", "gpus_per_unit"), where("protocol"))
     selection = proto.get("selection", "kfold")
     if selection not in SELECTIONS:
         raise ConfigError(f"{where('protocol', 'selection')}: {selection!r} (choose from {', '.join(SELECTIONS)})")
@@ -252,6 +254,11 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{where('protocol', 'seeds')}: must be a non-empty list of integers (got {seeds!r})")
     cache_dtype = check_precision(proto.get("cache_dtype", "fp16"), where("protocol", "cache_dtype"))
+    gpus = proto.get("gpus_per_unit", 1)
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not 0 < gpus < float("inf") \
+            or (gpus > 1 and gpus != int(gpus)):
+        raise ConfigError(f"{where('protocol', 'gpus_per_unit')}: must be a number > 0, a fraction up to 1 or "
+                          f"a whole number (got {gpus!r})")
 
     methods = []
     for name, m in _table(raw.get("methods", {}), where("methods")).items():
@@ -286,7 +293,7 @@ def load_spec(path: str | Path) -> SweepSpec:
             if "grid" in o:
                 _grid(o["grid"], where("overrides", task, mname, "grid"))
     spec = SweepSpec(path, str(raw.get("name", path.stem)), backbone, tasks, train, selection, folds,
-                     int(proto.get("seed", 0)), seeds, cache_dtype, methods, overrides, test_size)
+                     int(proto.get("seed", 0)), seeds, cache_dtype, methods, overrides, test_size, float(gpus))
     devices: dict[str, str] = {}
     for task in tasks:  # every candidate's options and schedule are valid before anything runs
         for m in spec.methods_on(task):

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..errors import ConfigError, TrialsFailedError
 from ..io import exclusive_folder
 from ..memory.units import format_bytes
+from .cluster import check_nodes
 from .executors import EXECUTORS, default_jobs, execute
 from .planner import Plan, choose, groups, stack_sizes, stacks
 from .spec import Candidate, SweepSpec, load_spec
@@ -58,6 +59,8 @@ def run_sweep(spec_path: str | Path, out: str | Path, executor: str = "local", j
 def _run_sweep(spec: SweepSpec, out: Path, executor: str, jobs: int, address: str | None, max_stack: int,
                memory_budget: int | None, threads: int, progress: bool) -> str:
     plan = Plan(spec, out)
+    if executor == "ray":  # every node can run the units: checked before the first one
+        check_nodes(plan, address)
     store = Store(store_path(out))
     say = _say if progress else (lambda *a, **k: None)
     start = time.perf_counter()
@@ -76,7 +79,7 @@ def _run_sweep(spec: SweepSpec, out: Path, executor: str, jobs: int, address: st
     def run(units: list[Unit], what: str) -> None:
         for unit in units:
             store.mark(unit.keys, "running")
-        for unit, outcome in execute(units, executor, jobs, address):
+        for unit, outcome in execute(units, executor, jobs, address, spec.gpus_per_unit):
             if outcome.error is not None:
                 store.mark(unit.keys, "failed", outcome.error)
                 say(f"  {unit.task}: {what} failed: {outcome.error}")
