@@ -29,7 +29,7 @@ from qtune.experiments.sweep import run_sweep
 from qtune.io import write_text
 from qtune.methods import get_method
 from qtune.methods.presets import SYNQT_RECIPE, SYNQT_VTAB, VQT_RECIPE, get_preset
-from qtune.report.sweep import write_report
+from qtune.report.sweep_report import write_report
 
 TASKS = ("dsprites_loc", "clevr_dist", "clevr_count", "fashion_mnist", "mnist", "dsprites_ori")  # longest first
 SIDE = ("linear", "vqt", "synqt")

@@ -402,7 +402,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from .errors import TrialsFailedError
     from .experiments.sweep import run_sweep
     from .memory.units import parse_bytes
-    from .report.sweep import write_report
+    from .report.sweep_report import write_report
 
     try:
         budget = parse_bytes(args.memory_budget) if args.memory_budget else None
@@ -433,7 +433,7 @@ def _say_cache_size(caches: Path) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .report.sweep import write_report
+    from .report.sweep_report import write_report
 
     write_report(Path(args.store), args.out and Path(args.out), spec_hash=args.sweep, figures=args.figures)
 

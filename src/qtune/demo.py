@@ -21,7 +21,7 @@ from .experiments.executors import default_jobs
 from .experiments.sweep import run_sweep
 from .io import write_text
 from .methods import get_method
-from .report.sweep import write_report
+from .report.sweep_report import write_report
 
 DEMO_METHODS = ("linear", "vqt", "synqt")
 DEMO_TASKS = (*OFFLINE_TASKS, "mnist")

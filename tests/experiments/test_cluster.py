@@ -19,7 +19,7 @@ from qtune.cli import main
 from qtune.experiments import cluster as qcluster
 from qtune.experiments.store import Store
 from qtune.experiments.sweep import run_sweep
-from qtune.report.sweep import write_report
+from qtune.report.sweep_report import write_report
 from tests.experiments import test_sweep
 from tests.experiments.test_sweep import accuracies, write_spec
 

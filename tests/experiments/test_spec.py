@@ -12,7 +12,7 @@ from qtune.data.offline import make_offline_benchmark
 from qtune.experiments.spec import load_spec, toml_value
 from qtune.experiments.store import Store
 from qtune.experiments.sweep import run_sweep
-from qtune.report.sweep import write_report
+from qtune.report.sweep_report import write_report
 
 ROWS = """
 [methods.linear]

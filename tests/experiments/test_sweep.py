@@ -16,7 +16,7 @@ from qtune.cli import main
 from qtune.data import read_split
 from qtune.experiments.store import Store
 from qtune.experiments.sweep import run_sweep
-from qtune.report.sweep import write_report
+from qtune.report.sweep_report import write_report
 from tests.conftest import TINY, TINY_NAME
 
 
@@ -142,7 +142,7 @@ def test_rerun_repeats_nothing_and_changed_spec_adds_trials(task, tmp_path):
 def test_a_spec_listing_the_grid_in_another_order_reuses_trials_and_chooses_the_same(task, tmp_path):
     """Trials are shared across specs by key; their stored candidate index is the first spec's. The second spec's
     choice and CV accuracy must come from its own candidates, not from those indices."""
-    from qtune.report.sweep import sweep_rows
+    from qtune.report.sweep_report import sweep_rows
 
     out = tmp_path / "run"
     spec = write_spec(tmp_path / "a.toml", task, methods="[methods.linear]\ngrid = { lr = [0.1, 1e-6] }\n",

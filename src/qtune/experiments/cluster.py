@@ -138,7 +138,7 @@ def qtune_build() -> str:
 
 def check_here(probe: Probe) -> str | None:
     """The first problem this node has running the sweep's units, as one line naming the path; None if none."""
-    from .planner import _task_identity
+    from .planner import task_identity
 
     here = qtune_build()
     if here != probe.qtune:
@@ -161,7 +161,7 @@ def check_here(probe: Probe) -> str | None:
     for source, identity in probe.tasks:
         try:
             source.read()
-            if _task_identity(source) != identity:
+            if task_identity(source) != identity:
                 return f"{source.path}: task {source.name}'s lists differ from the driver's"
         except (OSError, QtuneError) as e:
             return f"cannot read task {source.name} at {source.path}: {_first_line(e)}"

@@ -21,7 +21,7 @@ from .tasks import TaskSource
 from .units import Item, Unit
 
 
-def _task_identity(source: TaskSource) -> str:
+def task_identity(source: TaskSource) -> str:
     """The task's data as the trials see it: its list files' bytes (the images are checked by the cache)."""
     if source.kind == "vtab":
         folder = Path(source.path)
@@ -50,7 +50,7 @@ class Plan:
         # A method whose backbone differs from the spec's (model_args, input_size) trains live, with its own key.
         self.backbone_keys = {m.name: backbone_key(m.backbone(spec.backbone).load()) if self.own_backbone(m.name)
                               else self.backbone_key for m in spec.methods}
-        self.task_ids = {t: _task_identity(s) for t, s in self.sources.items()}
+        self.task_ids = {t: task_identity(s) for t, s in self.sources.items()}
         self.candidates = {(t, m.name): spec.candidates(t, m) for t in spec.tasks for m in spec.methods_on(t)}
         self.reads = {t: self._reads(backbone, t) for t in spec.tasks}
         self.hash = digest(canonical({"backbone": self.backbone_key, "tasks": self.task_ids,
@@ -202,4 +202,4 @@ def choose(trials: list[Trial], candidates: list[Candidate]) -> tuple[Candidate,
     best = max(candidates, key=lambda c: (scores[c.index], -c.index))
     return best, scores[best.index]
 
-__all__ = ["Plan", "choose", "groups", "item", "stack_sizes", "stacks"]
+__all__ = ["Plan", "choose", "groups", "item", "stack_sizes", "stacks", "task_identity"]
