@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from . import __version__
 from .errors import ConfigError, DataError, QtuneError
 from .options import option_pairs
-from .precision import PRECISIONS
+from .precision import CACHE_DTYPES, PRECISIONS
 
 
 def _model_args(pairs: Sequence[str]) -> dict[str, Any]:
@@ -586,7 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list file or image folder; repeat for every split the cache should cover")
     p.add_argument("--data-root", help="root for list-file paths (default: each list file's folder)")
     p.add_argument("--out", required=True, help="cache folder to write")
-    p.add_argument("--dtype", default="fp16", choices=tuple(PRECISIONS), help="storage dtype (default fp16)")
+    p.add_argument("--dtype", default="fp16", choices=tuple(CACHE_DTYPES),
+                   help="storage dtype of K/V (default fp16); int8: symmetric with per-channel fp16 scales, half of "
+                        "fp16's size, the pooled feature and block points kept in fp16")
     p.add_argument("--blocks", help="blocks to keep: all (default), none, or indices like 0,5,11")
     p.add_argument("--method", help="keep what this method reads: its blocks' K/V (linear: none) and block points "
                                     "(head2toe, lst)")
@@ -732,8 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="another backbone folder/file instead of the shipped demo backbone")
     p.add_argument("--epochs", type=int, help="epochs of every run (default: each method's recipe; quick 5)")
     p.add_argument("--jobs", type=int, help="worker processes, one torch thread each (default: one per core)")
-    p.add_argument("--cache-dtype", choices=tuple(PRECISIONS), default="fp16",
-                   help="storage of the per-task K/V caches (default fp16: half the disk; fp32 trains exactly as live)")
+    p.add_argument("--cache-dtype", choices=tuple(CACHE_DTYPES), default="fp16",
+                   help="storage of the per-task K/V caches (default fp16: half the disk; fp32 trains exactly as "
+                        "live; int8: a quarter, see docs/cache.md)")
     p.add_argument("--keep-caches", action="store_true", help="keep the per-task caches in OUT/cache (deleted when "
                                                                "the demo ends otherwise)")
     p.add_argument("--quick", action="store_true", help="fewer epochs and test images")

@@ -3,7 +3,8 @@
 The arrays are created at full size up front and filled in place through memory maps. After each chunk of rows the
 maps are flushed and the chunk's checksum per file is appended (fsync'ed) to progress.jsonl; an interrupted build
 re-checks the recorded chunks and continues at the first unfinished (or damaged) one. Chunks are whole batches, so a
-resumed build traces every image in the same batch as an uninterrupted one and writes the same bytes. manifest.json
+resumed build traces every image in the same batch as an uninterrupted one and writes the same bytes. An int8 cache's
+scale files (block_XXX.scale.npy) are files of the plan like the others: filled per chunk, checksummed, resumed. manifest.json
 is written last by an atomic rename: until then no reader takes the folder for a complete cache.
 """
 from __future__ import annotations
@@ -27,7 +28,6 @@ from ..io import append_jsonl, write_json, write_text
 from .manifest import (
     DTYPES,
     FORMAT,
-    FORMAT_VERSION,
     MANIFEST,
     PLAN,
     POOLED,
@@ -35,17 +35,24 @@ from .manifest import (
     ROWS,
     backbone_key,
     block_file,
+    bytes_per_row,
     chunk_digest,
     file_digest,
+    float_storage,
+    format_version,
     key_difference,
     key_of,
+    kv_files,
     parse_blocks,
     point_file,
+    quantisation_record,
     read_json,
     read_manifest,
     read_progress,
+    scale_file,
     to_storage,
 )
+from .quant import quantise
 from .rows import DatasetRows
 
 
@@ -70,21 +77,20 @@ def plan_cache(backbone: Backbone, rows: DatasetRows, dtype: str, blocks: Sequen
     shp = key["shape"]
     chunk_rows = math.ceil(chunk_rows / batch_size) * batch_size  # whole batches: resumed == uninterrupted bytes
     n = len(rows)
-    np_dtype = str(DTYPES[dtype][0])
-    files = {block_file(b): {"shape": [n, 2, shp["heads"], shp["tokens"], shp["head_dim"]], "dtype": np_dtype}
-             for b in blocks}
-    files[POOLED] = {"shape": [n, shp.get("pooled_dim", shp["dim"])], "dtype": np_dtype}
+    files = kv_files(shp, n, dtype, blocks)  # int8: a scale file per block, filled and checksummed like the rest
+    floats = str(DTYPES[float_storage(dtype)][0])
+    files[POOLED] = {"shape": [n, shp.get("pooled_dim", shp["dim"])], "dtype": floats}
     backbone.check_points(points)
     for p in points:
         for b in p.blocks:
-            files[point_file(p, b)] = {"shape": [n, *backbone.point_shape(p)], "dtype": np_dtype}
-    per_sample = sum(math.prod(f["shape"][1:]) for f in files.values()) * DTYPES[dtype][0].itemsize
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, **key, "dtype": dtype, "blocks": list(blocks),
-            "points": [p.to_dict() for p in points],
+            files[point_file(p, b)] = {"shape": [n, *backbone.point_shape(p)], "dtype": floats}
+    quantised = {"quantisation": quantisation_record()} if dtype == "int8" else {}
+    return {"format": FORMAT, "format_version": format_version(dtype), **key, "dtype": dtype, **quantised,
+            "blocks": list(blocks), "points": [p.to_dict() for p in points],
             "rows": {"count": n, "root": rows.root, "fingerprint": rows.fingerprint(),
                      "content_hash": rows.hashes is not None},
             "chunking": {"rows_per_chunk": chunk_rows, "batch_size": batch_size, "count": math.ceil(n / chunk_rows)},
-            "files": files, "bytes_per_sample": per_sample, "backbone_source": backbone_source}
+            "files": files, "bytes_per_sample": bytes_per_row(files), "backbone_source": backbone_source}
 
 
 def _chunk_range(plan: dict[str, Any], c: int) -> tuple[int, int]:
@@ -183,6 +189,8 @@ def build_cache(out: str | Path, backbone: Backbone, listings: Sequence[Listing]
     start_row = _chunk_range(plan, first_chunk)[0]
     n = plan["rows"]["count"]
     keep = tuple(plan["blocks"])
+    floats = float_storage(dtype)
+    layout = plan.get("quantisation", {}).get("scale_layout")
     device = torch.device(device)
     backbone.to(device)
     dataset = ImageDataset(rows.listing(), backbone.preprocessing.transform())
@@ -195,11 +203,15 @@ def build_cache(out: str | Path, backbone: Backbone, listings: Sequence[Listing]
         taps = backbone.trace(images.to(device), keep, points)
         s, e = int(index[0]), int(index[-1]) + 1
         for j, b in enumerate(keep):
-            arrays[block_file(b)][s:e] = to_storage(torch.stack([taps.keys[j], taps.values[j]], dim=1), dtype)
-        arrays[POOLED][s:e] = to_storage(taps.pooled, dtype)
+            kv = torch.stack([taps.keys[j], taps.values[j]], dim=1)  # (B, 2, H, N, hd)
+            if dtype == "int8":
+                arrays[block_file(b)][s:e], arrays[scale_file(b)][s:e] = quantise(kv, layout)
+            else:
+                arrays[block_file(b)][s:e] = to_storage(kv, dtype)
+        arrays[POOLED][s:e] = to_storage(taps.pooled, floats)
         for p, tensors in taps.points.items():
             for b, t in zip(p.blocks, tensors):
-                arrays[point_file(p, b)][s:e] = to_storage(t, dtype)
+                arrays[point_file(p, b)][s:e] = to_storage(t, floats)
         bar.update(e - s)
         c_start, c_end = _chunk_range(plan, chunk)
         if e == c_end:

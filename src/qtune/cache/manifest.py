@@ -4,6 +4,7 @@
 A cache folder holds, for the union of the images of one or more listings under a common root:
   block_XXX.npy   (rows, 2, H, N, head_dim): K and V of backbone block XXX, one row per image, so gathering a batch
                   is one fancy-index per block;
+  block_XXX.scale.npy  int8 caches only: the fp16 scales of block XXX's K/V, (rows, 2, H, head_dim) (cache/quant.py);
   pooled.npy      (rows, D): the backbone's pooled final feature;
   point_P_XXX.npy (rows, ...): block point P (backbones/points.py: per token, or pooled) of block XXX, for the
                   methods that read more than K/V (Head2Toe, LST);
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,10 +29,15 @@ import torch
 
 from ..backbones.points import Point
 from ..errors import CacheError, CacheIncompleteError
-from ..precision import PRECISIONS, torch_dtype
+from ..precision import CACHE_DTYPES
+from .quant import SCALE_DTYPE, SCALE_LAYOUTS, check_layout, scale_shape
 
 FORMAT = "qtune-tapcache"
-FORMAT_VERSION = 1
+# Version 2 adds int8 K/V with scale files; caches of the other dtypes are still written as version 1 (nothing in
+# them changed), so that every qtune reads them and one that predates int8 refuses an int8 cache instead of
+# taking its int8 values for floats.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PLAN = "build.json"
 PROGRESS = "progress.jsonl"
@@ -41,12 +48,55 @@ MANIFEST_FIELDS = ("backbone", "preprocessing", "shape", "dtype", "blocks", "row
 
 # Storage dtype name -> (numpy dtype on disk, torch dtype it stands for). numpy has no bfloat16: its bits go to disk
 # as uint16 and are viewed back as torch.bfloat16 when read.
-DISK = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "bf16": np.dtype(np.uint16)}
-DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {name: (DISK[name], torch_dtype(name)) for name in PRECISIONS}
+DISK = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "bf16": np.dtype(np.uint16),
+        "int8": np.dtype(np.int8)}
+DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {name: (DISK[name], getattr(torch, CACHE_DTYPES[name]))
+                                                   for name in CACHE_DTYPES}
+# What an int8 cache stores besides K/V (the pooled feature, block points): these stay floats, in fp16.
+INT8_FLOATS = "fp16"
 
 
 def block_file(block: int) -> str:
     return f"block_{block:03d}.npy"
+
+
+def scale_file(block: int) -> str:
+    return f"block_{block:03d}.scale.npy"
+
+
+def float_storage(dtype: str) -> str:
+    """The storage dtype of a cache's float arrays (pooled feature, block points): its own, fp16 in an int8 cache."""
+    return INT8_FLOATS if dtype == "int8" else dtype
+
+
+def format_version(dtype: str) -> int:
+    return 2 if dtype == "int8" else 1
+
+
+def quantisation_record(layout: str = SCALE_LAYOUTS[0]) -> dict[str, Any]:
+    """How an int8 cache stores K/V: recorded in its manifest, read back by ``TapCache``."""
+    return {"scheme": "symmetric int8, q = round(x / s) in [-127, 127]", "scale_layout": check_layout(layout),
+            "scale_dtype": str(SCALE_DTYPE), "scale_files": "block_XXX.scale.npy",
+            "floats": INT8_FLOATS}
+
+
+def kv_files(shape: dict[str, int], rows: int, dtype: str, blocks: Sequence[int],
+             layout: str = SCALE_LAYOUTS[0]) -> dict[str, dict[str, Any]]:
+    """The K/V files (and, for int8, scale files) of ``blocks`` for a backbone of tap ``shape``: name -> shape, dtype."""
+    if dtype not in DTYPES:
+        raise CacheError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    kv = [rows, 2, shape["heads"], shape["tokens"], shape["head_dim"]]
+    files = {}
+    for b in blocks:
+        files[block_file(b)] = {"shape": kv, "dtype": str(DTYPES[dtype][0])}
+        if dtype == "int8":
+            files[scale_file(b)] = {"shape": scale_shape(kv, layout), "dtype": str(SCALE_DTYPE)}
+    return files
+
+
+def bytes_per_row(files: dict[str, dict[str, Any]]) -> int:
+    """Bytes one image takes in these files."""
+    return sum(math.prod(f["shape"][1:]) * np.dtype(f["dtype"]).itemsize for f in files.values())
 
 
 def point_file(point: Point, block: int) -> str:
@@ -118,12 +168,14 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     manifest = read_json(folder / MANIFEST, "cache manifest")
     if manifest.get("format") != FORMAT:
         raise CacheError(f"{folder / MANIFEST}: not a qtune cache manifest (field 'format')")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READ_VERSIONS:
         raise CacheError(f"{folder / MANIFEST}: cache format version {manifest.get('format_version')} "
-                         f"(this qtune reads {FORMAT_VERSION}; rebuild the cache)")
-    for key in MANIFEST_FIELDS:
+                         f"(this qtune reads {', '.join(map(str, READ_VERSIONS))}; rebuild the cache)")
+    for key in MANIFEST_FIELDS + (("quantisation",) if manifest.get("dtype") == "int8" else ()):
         if key not in manifest:
             raise CacheError(f"{folder / MANIFEST}: field {key!r} missing")
+    if manifest["dtype"] not in DTYPES:
+        raise CacheError(f"{folder / MANIFEST}: storage dtype {manifest['dtype']!r} unknown to this qtune")
     return manifest
 
 

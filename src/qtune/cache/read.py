@@ -20,6 +20,7 @@ from ..backbones import Backbone, Point, QueryOutput, Taps
 from ..backbones.vit import identity_difference
 from ..data import Listing
 from ..errors import CacheCorruptError, CacheError, CacheStaleError
+from ..methods.masks import per_model_masks
 from .manifest import (
     POOLED,
     ROWS,
@@ -27,12 +28,15 @@ from .manifest import (
     block_file,
     chunk_digest,
     file_digest,
+    float_storage,
     from_storage,
     point_file,
     read_json,
     read_manifest,
+    scale_file,
     stored_points,
 )
+from .quant import dequantise
 from .rows import DatasetRows, file_changed, sample_id
 
 
@@ -136,8 +140,13 @@ class TapCache:
     # -- reading --
     def read_block(self, block: int, rows: np.ndarray, device: torch.device,
                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of ``block`` for ``rows``: one gather from the memory map, (B, H, N, hd) each."""
-        kv = self._gather(block_file(block), rows, device, dtype)
+        """K and V of ``block`` for ``rows``: one gather from the memory map, (B, H, N, hd) each. An int8 cache's
+        rows and their scales are gathered as stored and multiplied into the one ``dtype`` tensor returned."""
+        if self.dtype == "int8":
+            kv = dequantise(self._rows(block_file(block), rows), self._rows(scale_file(block), rows),
+                            self.manifest["quantisation"]["scale_layout"], device, dtype)
+        else:
+            kv = self._gather(block_file(block), rows, device, dtype)
         return kv[:, 0], kv[:, 1]
 
     def read_point(self, point: Point, block: int, rows: np.ndarray, device: torch.device,
@@ -158,14 +167,18 @@ class TapCache:
         with self._lock:
             self._checked.add((name, chunk))
 
-    def _gather(self, name: str, rows: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """``rows`` of one file as stored: a numpy fancy index, one copy of the batch's rows."""
         # Each chunk is verified the first time this process reads from it: one pass over the cache's bytes per run,
         # and no training on bytes that fail their checksum.
         for chunk in np.unique(rows // self.manifest["chunking"]["rows_per_chunk"]).tolist():
             if (name, chunk) not in self._checked:
                 self.check_chunk(name, chunk)
-        t = from_storage(self.array(name)[rows], self.dtype)  # numpy fancy index: one copy of the batch's rows
-        return t.to(device=device, dtype=dtype)
+        return self.array(name)[rows]
+
+    def _gather(self, name: str, rows: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A float array's rows (K/V of a float cache, the pooled feature, block points) as ``dtype``."""
+        return from_storage(self._rows(name, rows), float_storage(self.dtype)).to(device=device, dtype=dtype)
 
     def taps(self, rows: np.ndarray, blocks: Sequence[int], device: torch.device, stream: bool = False,
              dtype: torch.dtype = torch.float32, points: Sequence[Point] = ()) -> Taps:
@@ -203,6 +216,7 @@ class StreamedTaps(Taps):
                  blocks: tuple[int, ...], points: dict[Point, Sequence[torch.Tensor]] | None = None):
         super().__init__(_LazyBlocks(read, blocks, 0), _LazyBlocks(read, blocks, 1), pooled, blocks, points or {})
         self._read = read
+        self._in_block = 0  # > 0 while run_block's unit runs: its query is already inside that checkpoint
 
     def kv(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         if block not in self.blocks:
@@ -213,9 +227,22 @@ class StreamedTaps(Taps):
         return backbone.query_block(block, tokens, *self.kv(block))
 
     def query(self, backbone: Backbone, block: int, tokens: torch.Tensor) -> QueryOutput:
-        if not (torch.is_grad_enabled() and tokens.requires_grad):
+        if self._in_block or not (torch.is_grad_enabled() and tokens.requires_grad):
             return self._query(backbone, block, tokens)
         return QueryOutput(*checkpoint(self._query, backbone, block, tokens, use_reentrant=False))
+
+    def _unit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self._in_block += 1
+        try:
+            return fn(*args)
+        finally:
+            self._in_block -= 1
+
+    def run_block(self, fn: Callable[..., Any], *args: Any) -> Any:
+        # Masks from per-model generators would differ when recomputed (the checkpoint rewinds the global RNG only).
+        if not torch.is_grad_enabled() or per_model_masks():
+            return fn(*args)
+        return checkpoint(self._unit, fn, *args, use_reentrant=False)
 
 
 class CachedBatches:
