@@ -57,7 +57,7 @@ from ..data.layouts import VTAB_TASKS
 from ..data.offline import ALL_TASKS
 from ..engine.config import TrainConfig
 from ..errors import ConfigError
-from ..precision import check_precision
+from ..precision import check_cache_dtype
 from ..methods import get_method
 from .tasks import TaskSource, fgvc_sources
 
@@ -253,7 +253,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     seeds = proto.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{where('protocol', 'seeds')}: must be a non-empty list of integers (got {seeds!r})")
-    cache_dtype = check_precision(proto.get("cache_dtype", "fp16"), where("protocol", "cache_dtype"))
+    cache_dtype = check_cache_dtype(proto.get("cache_dtype", "fp16"), where("protocol", "cache_dtype"))
     gpus = proto.get("gpus_per_unit", 1)
     if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not 0 < gpus < float("inf") \
             or (gpus > 1 and gpus != int(gpus)):
