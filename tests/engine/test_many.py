@@ -192,3 +192,43 @@ def test_a_stack_of_one_is_its_own_fit(backbone, method):
     for name, p in stacked.trainable_parameters().items():
         assert torch.equal(p, alone.trainable_parameters()[name]), name
     assert torch.equal(predict([stacked], batches, cfg)[0][0], predict([alone], batches, cfg)[0][0])
+
+
+@pytest.mark.parametrize("method", ["linear", "synqt"])
+def test_stopped_at_a_rung_and_continued_in_a_smaller_stack(dtype, method, tmp_path):
+    """Successive halving's contract: models stopped after epoch 1 of 3 (their states saved) and continued, some of
+    them, in a smaller stack, end where the uninterrupted stack ends; a fresh start ignores states that disagree."""
+    backbone = tiny_backbone()
+    cfgs = [TrainConfig(**TRAIN, **hp) for hp in PER_MODEL]
+    options = CASES[method]
+    full, rung = _pair(backbone, method, options, [c.seed for c in cfgs])
+    batches = TapBatches(backbone, full[0].blocks_read(), full[0].points_read())
+    whole = fit_many(full, batches, cfgs)
+    states = [tmp_path / f"{g}.safetensors" for g in range(3)]
+    fit_many(rung, batches, cfgs, states=states, until=1)
+    assert all(p.is_file() for p in states)
+    survivors = [0, 2]
+    rest = fit_many([rung[g] for g in survivors], batches, [cfgs[g] for g in survivors],
+                    states=[states[g] for g in survivors])
+    assert [len(h) for h in rest] == [3, 3]  # the history goes on from the saved one
+    assert [round(h["train_loss"], 4) for h in rest[1]] == [round(h["train_loss"], 4) for h in whole[2]]
+    _assert_same([rung[g] for g in survivors], [full[g] for g in survivors], batches, dtype)
+    # a model stopped at epoch 1 scores differently from one trained to the end: the rung is a real stop
+    assert not torch.allclose(rung[1].trainable_parameters()[next(iter(rung[1].trainable_parameters()))],
+                              full[1].trainable_parameters()[next(iter(full[1].trainable_parameters()))])
+    fresh, _ = _pair(backbone, method, options[:2], [c.seed for c in cfgs[:2]])
+    states[1].unlink()  # one state lost: both start from the beginning, as the uninterrupted run did
+    fit_many(fresh, batches, cfgs[:2], states=states[:2])
+    _assert_same(fresh[:1], full[:1], batches, dtype)
+
+
+def test_fit_stops_at_a_rung_and_goes_on(backbone, tmp_path):
+    cfg = TrainConfig(**TRAIN, **PER_MODEL[0])
+    a, b = _pair(backbone, "vqt", CASES["vqt"][:1], [cfg.seed])
+    batches = TapBatches(backbone, a[0].blocks_read())
+    fit(a[0], batches, cfg)
+    state = tmp_path / "state.safetensors"
+    assert len(fit(b[0], batches, cfg, state=state, until=2)) == 2
+    assert len(fit(b[0], batches, cfg, state=state)) == 3
+    for name, p in b[0].trainable_parameters().items():
+        assert torch.equal(p, a[0].trainable_parameters()[name]), name

@@ -33,7 +33,7 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None = None,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
         state: Path | None = None, sample_weight: torch.Tensor | None = None,
-        stop_on_nonfinite: bool = True) -> list[dict[str, Any]]:
+        stop_on_nonfinite: bool = True, until: int | None = None) -> list[dict[str, Any]]:
     """Train ``model``'s trainable parameters; returns per-epoch records (also passed to ``on_epoch``).
 
     A loss that is not finite stops the run with a TrainingError before the step that would spread it into the
@@ -43,6 +43,8 @@ def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None
     is written there atomically after every epoch, and a run that finds the file continues after its last epoch:
     killed at any moment and run again, it ends with the same weights as an uninterrupted run.
     ``sample_weight`` (one per training sample) weights each sample's loss; 0 leaves it out (``training_loss``).
+    ``until`` stops after that epoch, a point in the full schedule (a rung of successive halving); run again with the
+    same ``state``, it goes on from there.
     """
     device = cfg.resolved_device()
     model.to(device)
@@ -68,7 +70,7 @@ def fit(model: TunedModel, train: Batches, cfg: TrainConfig, val: Batches | None
             torch.cuda.set_rng_state(saved["cuda_rng"], device)
         history, step, first = saved["history"], saved["step"], saved["epoch"]
     bar = tqdm(total=total, initial=step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
-    for epoch in range(first, cfg.epochs):
+    for epoch in range(first, cfg.epochs if until is None else min(until, cfg.epochs)):
         model.train()
         start, loss_sum, seen = time.perf_counter(), 0.0, 0.0
         order = epoch_order(len(train), cfg.order_seed, epoch)

@@ -15,7 +15,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any, Callable, Sequence
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +33,7 @@ from ..tuned import TunedModel
 from .config import TrainConfig
 from ..data.batches import Batches
 from ..precision import autocast
+from .state import load_state, save_state
 from .steps import epoch_order, optimizer_and_schedule, training_loss
 
 # TrainConfig fields that every model of a stack must share: they decide which batches are read, and when.
@@ -82,7 +86,8 @@ class ModelStack:
 
         def one(params: dict[str, torch.Tensor]) -> torch.Tensor:
             return functional_call(self.base, params, (taps, self.backbone))
-        return vmap(one, randomness="error")(self.stacked())
+        with self.known_fallback():
+            return vmap(one, randomness="error")(self.stacked())
 
     def losses(self, inputs: Any, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """(G,) training losses; ``weights`` (G, B) per model and sample, or None for plain means."""
@@ -93,7 +98,19 @@ class ModelStack:
 
         def one(params: dict[str, torch.Tensor], w: torch.Tensor | None) -> torch.Tensor:
             return training_loss(functional_call(self.base, params, (taps, self.backbone)), labels, w)
-        return vmap(one, in_dims=(0, None if weights is None else 0), randomness="error")(self.stacked(), weights)
+        with self.known_fallback():
+            return vmap(one, in_dims=(0, None if weights is None else 0), randomness="error")(self.stacked(),
+                                                                                              weights)
+
+    @contextmanager
+    def known_fallback(self) -> Iterator[None]:
+        """Where the method declares that vmap loops over its models on this device (``Method.stacks_on``), PyTorch's
+        warning about the missing batching rule says nothing new: it is kept out of the user's log."""
+        with warnings.catch_warnings():
+            if len(self.models) > 1 and next(self.base.parameters()).device.type not in type(self.base).stacks_on:
+                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet "
+                                                          "implemented the batching rule")
+            yield
 
     def train(self, mode: bool = True) -> None:
         for m in self.models:
@@ -115,10 +132,16 @@ def _check_configs(cfgs: Sequence[TrainConfig], count: int) -> None:
 
 def fit_many(models: Sequence[TunedModel], train: Batches, cfgs: Sequence[TrainConfig],
              sample_weights: torch.Tensor | None = None,
-             on_epoch: Callable[[int, list[dict[str, Any]]], None] | None = None) -> list[list[dict[str, Any]]]:
+             on_epoch: Callable[[int, list[dict[str, Any]]], None] | None = None,
+             states: Sequence[Path] | None = None, until: int | None = None) -> list[list[dict[str, Any]]]:
     """Train ``models[g]`` with ``cfgs[g]`` (per model: lr, weight decay, optimiser, schedule, seed; shared: the
     ``SHARED`` fields and the batch order), all from one read of each batch. ``sample_weights`` (G, N) weights each
-    model's samples (0 holds a sample out). Returns each model's per-epoch records, as ``fit`` does."""
+    model's samples (0 holds a sample out). Returns each model's per-epoch records, as ``fit`` does.
+
+    ``until`` stops after that epoch, a point in the full schedule (a rung of successive halving); with ``states``
+    (one file per model) each model's training state is written there when it stops, and a stack whose files all
+    exist at one epoch goes on from it. Each model's run depends on its own state only, so the models that go on may
+    do so in a smaller stack."""
     stack = ModelStack(models)
     _check_configs(cfgs, len(stack))
     cfg0 = cfgs[0]
@@ -136,10 +159,12 @@ def fit_many(models: Sequence[TunedModel], train: Batches, cfgs: Sequence[TrainC
     # Each model's masks come from a generator seeded as fit seeds the global RNG for that model.
     generators = [torch.Generator(device).manual_seed(c.seed) for c in cfgs]
     histories: list[list[dict[str, Any]]] = [[] for _ in cfgs]
-    step = 0
-    bar = tqdm(total=cfg0.epochs * steps_per_epoch, desc=f"train x{len(stack)}", disable=not cfg0.progress,
-               dynamic_ncols=True)
-    for epoch in range(cfg0.epochs):
+    first = _resume(stack, schedules, generators, histories, states)
+    step = first * steps_per_epoch
+    last = cfg0.epochs if until is None else min(until, cfg0.epochs)
+    bar = tqdm(total=cfg0.epochs * steps_per_epoch, initial=step, desc=f"train x{len(stack)}",
+               disable=not cfg0.progress, dynamic_ncols=True)
+    for epoch in range(first, last):
         stack.train()
         start = time.perf_counter()
         loss_sum = torch.zeros(len(stack), dtype=torch.float64)
@@ -152,7 +177,8 @@ def fit_many(models: Sequence[TunedModel], train: Batches, cfgs: Sequence[TrainC
                 losses = stack.losses(inputs, y, w)
             for opt, _ in schedules:
                 opt.zero_grad(set_to_none=True)
-            losses.sum().backward()  # model g's parameters get the gradient of its own loss only
+            with stack.known_fallback():
+                losses.sum().backward()  # model g's parameters get the gradient of its own loss only
             step += 1
             for opt, sched in schedules:
                 opt.step()
@@ -169,7 +195,29 @@ def fit_many(models: Sequence[TunedModel], train: Batches, cfgs: Sequence[TrainC
         if on_epoch is not None:
             on_epoch(epoch + 1, [h[-1] for h in histories])
     bar.close()
+    if states is not None and last < cfg0.epochs:
+        for m, (opt, _), gen, history, path in zip(stack.models, schedules, generators, histories, states):
+            save_state(path, {"trainable": {n: p.detach() for n, p in m.trainable_parameters().items()},
+                              "optimizer": opt.state_dict(), "generator": gen.get_state(), "history": history,
+                              "epoch": last})
     return histories
+
+
+def _resume(stack: ModelStack, schedules: list, generators: list[torch.Generator],
+            histories: list[list[dict[str, Any]]], states: Sequence[Path] | None) -> int:
+    """Load the models' saved states and return the epoch they reached; 0 (a fresh start) unless every model has a
+    state and all are at one epoch, which stacking needs (a lost file costs a rerun, never a wrong result)."""
+    if states is None or len(states) != len(stack) or not all(Path(p).is_file() for p in states):
+        return 0
+    saved = [load_state(Path(p)) for p in states]
+    if len({s["epoch"] for s in saved}) != 1:
+        return 0
+    for m, (opt, _), gen, history, s in zip(stack.models, schedules, generators, histories, saved):
+        m.load_state_dict(s["trainable"], strict=False)
+        opt.load_state_dict(s["optimizer"])  # with the learning rate the schedule set at the last step
+        gen.set_state(s["generator"])
+        history[:] = s["history"]
+    return int(saved[0]["epoch"])
 
 
 def fold_weights(labels: Sequence[int], folds: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

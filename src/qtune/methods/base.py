@@ -143,6 +143,9 @@ class Method(nn.Module):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     reads_taps: ClassVar[bool] = True
+    # Device types on which G models of this side-path method train faster as one stack (engine.many) than one
+    # after another; not where torch.func.vmap has no batching rule for an op the method runs and loops anyway.
+    stacks_on: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
     summary: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig, backbone: Backbone, num_classes: int):

@@ -61,6 +61,9 @@ class DTLPlusConfig(DTLConfig):
 class DTL(Method):
     name = "dtl"
     config_class = DTLConfig
+    # The blocks it runs call CPU attention (aten::_scaled_dot_product_flash_attention_for_cpu), which vmap has no
+    # batching rule for: a stack loops over its models and is no faster (measured); CUDA's kernels have rules.
+    stacks_on = ("cuda",)
     summary = "low-rank maps of every block's input, summed and added back to the stream from block M upward"
 
     def __init__(self, config: DTLConfig, backbone: Backbone, num_classes: int):

@@ -48,6 +48,9 @@ def _init_linear(module: nn.Module) -> None:
 class LST(Method):
     name = "lst"
     config_class = LSTConfig
+    # The blocks it runs call CPU attention (aten::_scaled_dot_product_flash_attention_for_cpu), which vmap has no
+    # batching rule for: a stack loops over its models and is no faster (measured); CUDA's kernels have rules.
+    stacks_on = ("cuda",)
     summary = "ladder side network of width D/r reading every block's output through learnt gates"
 
     def __init__(self, config: LSTConfig, backbone: Backbone, num_classes: int):
