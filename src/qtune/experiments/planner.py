@@ -15,7 +15,7 @@ from ..data.offline import make_offline_benchmark
 from ..engine.config import TrainConfig
 from ..errors import ConfigError
 from ..methods import get_method
-from .spec import Candidate, SweepSpec, canonical
+from .spec import Candidate, Halving, SweepSpec, canonical
 from .store import Trial
 from .tasks import TaskSource
 from .units import Item, Unit
@@ -79,7 +79,11 @@ class Plan:
                "cache_dtype": s.cache_dtype}
         # Runs that train on one subset of the pool read only its samples (units.trained_samples); under
         # selection on val that is every run (k-fold's candidates read the whole pool, as they did before).
-        return {**out, "batches": "trained samples"} if s.selection == "val" else out
+        if s.selection == "val":
+            out["batches"] = "trained samples"
+        if s.halving is not None:  # a trial stopped at a rung is not the trial that runs to the end
+            out["halving"] = s.halving.to_dict()
+        return out
 
     @property
     def folds(self) -> list[int]:
@@ -131,30 +135,46 @@ class Plan:
     def final_trials(self, chosen: dict[tuple[str, str], Candidate]) -> list[Trial]:
         return [self.trial(t, m, c, "final", -1, s) for (t, m), c in chosen.items() for s in self.spec.seeds]
 
-    def unit(self, kind: str, task: str, trials: list[Trial], threads: int, progress: bool = False) -> Unit:
-        """A unit of work on one backbone: the spec's (a cache; the methods that read it) or a method's own."""
+    @property
+    def states(self) -> Path:
+        """Successive halving: the training state of each selection trial between its rungs."""
+        return self.out / "rungs"
+
+    def unit(self, kind: str, task: str, trials: list[Trial], threads: int, progress: bool = False,
+             rung: int | None = None) -> Unit:
+        """A unit of work on one backbone: the spec's (a cache; the methods that read it) or a method's own. A
+        selection unit of successive halving trains its trials to rung ``rung``."""
         own = next((t.method for t in trials if self.own_backbone(t.method)), None)
         backbone = self.spec.backbone if own is None else self.methods[own].backbone(self.spec.backbone)
+        halving = self.spec.halving
+        items = tuple(item(t, None if rung is None else halving.epochs(t.config["train"]["epochs"])[rung])
+                      for t in trials)
         return Unit(kind, task, self.sources[task], self.num_classes[task], backbone,
                     str(self.cache_dir(task)) if own is None else None, str(self.checkpoints(task)),
-                    self.spec.cache_dtype, self.protocol, tuple(item(t) for t in trials), *self.reads[task],
-                    threads=threads, progress=progress)
+                    self.spec.cache_dtype, self.protocol, items, *self.reads[task],
+                    threads=threads, progress=progress, states=None if rung is None else str(self.states))
 
 
-def item(t: Trial) -> Item:
+def item(t: Trial, until: int | None = None) -> Item:
     """A stored trial as a worker runs it; its training config parsed here, once."""
-    return Item(t.key, t.method, t.config["method"], t.config["options"], TrainConfig(**t.config["train"]), t.fold)
+    return Item(t.key, t.method, t.config["method"], t.config["options"], TrainConfig(**t.config["train"]), t.fold,
+                until)
 
 
 def groups(trials: list[Trial]) -> dict[tuple, list[Trial]]:
-    """Selection trials that can share a stack: side-path trials of one task, method and structure; each
-    stream-method trial alone."""
+    """Selection trials that can share a stack: side-path trials of one task, method, structure and shared
+    schedule (``engine.many.SHARED``) where the method gains from stacking on their device (``Method.stacks_on``);
+    every other trial alone, so the workers spread them."""
+    from ..engine.many import SHARED
+
     groups: dict[tuple, list[Trial]] = {}
     for t in trials:
         method = get_method(t.config["method"])
-        if method.reads_taps:
+        device = TrainConfig(**t.config["train"]).resolved_device().type
+        if method.reads_taps and device in method.stacks_on:
             structure = canonical(method.config_class.from_dict(t.config["options"]).structure())
-            groups.setdefault((t.task, t.method, structure), []).append(t)
+            shared = canonical({k: t.config["train"].get(k) for k in SHARED})
+            groups.setdefault((t.task, t.method, structure, shared), []).append(t)
         else:
             groups[(t.task, t.method, t.key)] = [t]
     return groups
@@ -191,15 +211,49 @@ def stacks(groups: dict[tuple, list[Trial]], sizes: dict[tuple, int], most: int)
     return [g[i:i + sizes.get(k, most)] for k, g in groups.items() for i in range(0, len(g), sizes.get(k, most))]
 
 
+def rank(scores: dict[int, float]) -> list[int]:
+    """Candidate indices, best mean held-out accuracy first (ties: the earlier in the grid)."""
+    return sorted(scores, key=lambda c: (-scores[c], c))
+
+
+def held_out_scores(trials: list[Trial], candidates: Any, rung: int | None = None) -> dict[int, float]:
+    """Each candidate's mean held-out accuracy over its folds: at the end of its run, or at ``rung``."""
+    def score(t: Trial) -> float:
+        return t.metric if rung is None else t.rungs[rung]["metric"]
+    return {c: mean(score(t) for t in trials if t.candidate == c) for c in candidates}
+
+
+def halving_survivors(trials: list[Trial], halving: Halving) -> tuple[list[set[int]], bool]:
+    """Successive halving replayed from the stored rung scores of one method's selection trials on one task: the
+    candidates alive at each rung reached so far, and whether the choice is made (one left, or every survivor
+    scored at the end of its schedule). Deterministic: a resumed sweep takes the decisions it took before."""
+    alive = [set(t.candidate for t in trials)]
+    for rung in range(len(halving.rungs) + 1):
+        if len(alive[-1]) == 1:
+            return alive, True
+        at = [t for t in trials if t.candidate in alive[-1]]
+        if any(len(t.rungs) <= rung for t in at):
+            return alive, False  # this rung is still to be trained (or failed)
+        if rung == len(halving.rungs):
+            return alive, True
+        ranked = rank(held_out_scores(at, alive[-1], rung))
+        alive.append(set(ranked[:halving.keep(len(ranked))]))
+    return alive, True  # pragma: no cover - the loop returns at the last rung
+
+
 def choose(trials: list[Trial], candidates: list[Candidate]) -> tuple[Candidate, float] | None:
     """The candidate with the best mean held-out accuracy over its folds (ties: the earlier in the grid); None
-    unless every selection trial of the method on the task is done."""
+    unless every selection trial of the method on the task is done. Under successive halving a candidate that
+    reached a later rung beats every candidate stopped before it (its score is from a longer run)."""
     if len(candidates) == 1:
         return candidates[0], float("nan")
     if not trials or any(t.state != "done" for t in trials):
         return None
-    scores = {c.index: mean(t.metric for t in trials if t.candidate == c.index) for c in candidates}
-    best = max(candidates, key=lambda c: (scores[c.index], -c.index))
+    reached = {c.index: max((len(t.rungs) for t in trials if t.candidate == c.index), default=0)
+               for c in candidates}
+    scores = held_out_scores(trials, [c.index for c in candidates])
+    best = max(candidates, key=lambda c: (reached[c.index], scores[c.index], -c.index))
     return best, scores[best.index]
 
-__all__ = ["Plan", "choose", "groups", "item", "stack_sizes", "stacks", "task_identity"]
+__all__ = ["Plan", "choose", "groups", "halving_survivors", "held_out_scores", "item", "rank",
+           "stack_sizes", "stacks", "task_identity"]

@@ -23,6 +23,7 @@ seed = 0                   # folds and the shared batch order
 seeds = [0, 1, 2]          # final runs of the chosen config
 cache_dtype = "fp16"
 gpus_per_unit = 1          # GPUs a unit training on "cuda" asks Ray for (0.25: four units share one)
+halving = { eta = 3, rungs = [0.2, 0.4] }   # successive halving of each grid (optional; see Halving)
 
 [methods.synqt]
 preset = "synqt:vtab/{task}"          # optional; VTAB tasks only
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field, fields, replace
@@ -68,6 +70,28 @@ else:  # pragma: no cover
 
 SELECTIONS = ("kfold", "val")
 TOP_LEVEL = ("name", "backbone", "tasks", "train", "protocol", "methods", "overrides")
+
+
+@dataclass(frozen=True)
+class Halving:
+    """Synchronous successive halving of a method's grid on a task. Every candidate (with all its folds) trains to
+    the first rung, a point in its own schedule (the fraction ``rungs[0]`` of its epochs; the learning-rate schedule
+    is the full run's), and is scored on its held-out samples; the best ``1/eta`` of them, rounded up, go on from
+    where they stopped to the next rung, and so on to the full schedule. Once one candidate is left it is the
+    choice: it is not trained further for selection."""
+
+    eta: float = 3.0
+    rungs: tuple[float, ...] = (0.2, 0.4)
+
+    def epochs(self, total: int) -> list[int]:
+        """The epochs at which a run of ``total`` epochs is scored: each rung's, then the end."""
+        return [min(total, max(1, round(f * total))) for f in self.rungs] + [total]
+
+    def keep(self, n: int) -> int:
+        return max(1, math.ceil(n / self.eta)) if n else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"eta": self.eta, "rungs": list(self.rungs)}
 
 
 @dataclass(frozen=True)
@@ -129,6 +153,7 @@ class SweepSpec:
     overrides: dict[str, dict[str, dict[str, Any]]]
     offline_test_size: int = 500
     gpus_per_unit: float = 1.0  # GPUs a unit training on "cuda" asks Ray for (placement: not part of any key)
+    halving: Halving | None = None
 
     def candidates(self, task: str, method: MethodSpec) -> list[Candidate]:
         """The method's grid on ``task``: preset < spec [train] < method < override < grid point."""
@@ -240,7 +265,8 @@ def load_spec(path: str | Path) -> SweepSpec:
     _check_train(train, where("train"))
 
     proto = _table(raw.get("protocol", {}), where("protocol"))
-    _check_keys(proto, ("selection", "folds", "seed", "seeds", "cache_dtype", "gpus_per_unit"), where("protocol"))
+    _check_keys(proto, ("selection", "folds", "seed", "seeds", "cache_dtype", "gpus_per_unit", "halving"),
+                where("protocol"))
     selection = proto.get("selection", "kfold")
     if selection not in SELECTIONS:
         raise ConfigError(f"{where('protocol', 'selection')}: {selection!r} (choose from {', '.join(SELECTIONS)})")
@@ -259,6 +285,8 @@ def load_spec(path: str | Path) -> SweepSpec:
             or (gpus > 1 and gpus != int(gpus)):
         raise ConfigError(f"{where('protocol', 'gpus_per_unit')}: must be a number > 0, a fraction up to 1 or "
                           f"a whole number (got {gpus!r})")
+
+    halving = _halving(proto["halving"], where("protocol", "halving")) if "halving" in proto else None
 
     methods = []
     for name, m in _table(raw.get("methods", {}), where("methods")).items():
@@ -293,7 +321,8 @@ def load_spec(path: str | Path) -> SweepSpec:
             if "grid" in o:
                 _grid(o["grid"], where("overrides", task, mname, "grid"))
     spec = SweepSpec(path, str(raw.get("name", path.stem)), backbone, tasks, train, selection, folds,
-                     int(proto.get("seed", 0)), seeds, cache_dtype, methods, overrides, test_size, float(gpus))
+                     int(proto.get("seed", 0)), seeds, cache_dtype, methods, overrides, test_size, float(gpus),
+                     halving)
     devices: dict[str, str] = {}
     for task in tasks:  # every candidate's options and schedule are valid before anything runs
         for m in spec.methods_on(task):
@@ -311,6 +340,21 @@ def load_spec(path: str | Path) -> SweepSpec:
         except ConfigError as e:
             raise ConfigError(f"{label}: {e}") from None
     return spec
+
+
+def _halving(raw: Any, at: str) -> Halving:
+    table = _table(raw, at)
+    _check_keys(table, ("eta", "rungs"), at)
+    eta = table.get("eta", Halving.eta)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 1 < eta < float("inf"):
+        raise ConfigError(f"{at}.eta: a number > 1 (got {eta!r})")
+    rungs = table.get("rungs", list(Halving.rungs))
+    if (not isinstance(rungs, list) or not rungs or any(isinstance(f, bool) or not isinstance(f, (int, float))
+                                                         or not 0 < f < 1 for f in rungs)
+            or sorted(set(rungs)) != rungs):
+        raise ConfigError(f"{at}.rungs: increasing fractions of the schedule between 0 and 1, such as [0.2, 0.4] "
+                          f"(got {rungs!r})")
+    return Halving(float(eta), tuple(float(f) for f in rungs))
 
 
 def canonical(obj: Any) -> str:

@@ -48,6 +48,11 @@ class Trial:
     error: str | None = None
     provenance: dict[str, Any] | None = None
 
+    @property
+    def rungs(self) -> list[dict[str, Any]]:
+        """A selection trial's scores at the rungs of successive halving it reached (``[]`` without halving)."""
+        return (self.metrics or {}).get("rungs", [])
+
 
 _JSON = ("config", "metrics", "provenance")
 _COLUMNS = ("key", "task", "method", "kind", "fold", "seed", "candidate", "config", "state", "metric", "metrics",
@@ -121,14 +126,14 @@ class Store:
             self.db.executemany("UPDATE trials SET state = ?, error = ?, updated = ? WHERE key = ?",
                                 [(state, error, time.time(), k) for k in keys])
 
-    def record(self, key: str, result: dict[str, Any]) -> None:
-        """A finished trial's results (``state`` done)."""
+    def record(self, key: str, result: dict[str, Any], state: str = "done") -> None:
+        """A trial's results: finished (``state`` done), or so far (a selection trial between rungs)."""
         with self.db:
             self.db.execute(
-                "UPDATE trials SET state = 'done', metric = ?, metrics = ?, trainable_parameters = ?, "
+                "UPDATE trials SET state = ?, metric = ?, metrics = ?, trainable_parameters = ?, "
                 "memory_bytes = ?, memory_kind = ?, seconds = ?, error = NULL, provenance = ?, updated = ? "
                 "WHERE key = ?",
-                (result["metric"], json.dumps(result.get("metrics", {})), result.get("trainable_parameters"),
+                (state, result["metric"], json.dumps(result.get("metrics", {})), result.get("trainable_parameters"),
                  result.get("memory_bytes"), result.get("memory_kind"), result.get("seconds"),
                  json.dumps(result.get("provenance", {})), time.time(), key))
 

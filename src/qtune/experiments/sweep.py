@@ -16,13 +16,14 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from ..errors import ConfigError, TrialsFailedError
 from ..io import exclusive_folder
 from ..memory.units import format_bytes
 from .cluster import check_nodes
 from .executors import EXECUTORS, default_jobs, execute
-from .planner import Plan, choose, groups, stack_sizes, stacks
+from .planner import Plan, choose, groups, halving_survivors, stack_sizes, stacks
 from .spec import Candidate, SweepSpec, load_spec
 from .store import STORE_FILES, Store, Trial
 from .units import Unit, say as _say
@@ -56,6 +57,53 @@ def run_sweep(spec_path: str | Path, out: str | Path, executor: str = "local", j
         return _run_sweep(spec, out, executor, jobs, address, max_stack, memory_budget, threads, progress)
 
 
+def _halving(plan: Plan, store: Store, selection: list[Trial], run: Callable, sizes: dict[tuple, int],
+             max_stack: int, threads: int, progress: bool, say: Callable) -> None:
+    """Selection by successive halving, one rung at a time over every task and method: the candidates alive at a
+    rung (``halving_survivors``, replayed from the store, so a resumed sweep goes on at the rung it reached) train
+    to it in stacks, each trial from its state at the previous rung, and are scored; a method's trials are done once
+    its choice is made, and their states are deleted."""
+    halving = plan.spec.halving
+    by_method: dict[tuple[str, str], list[str]] = {}
+    for t in selection:
+        by_method.setdefault((t.task, t.method), []).append(t.key)
+
+    def record(key: str, result: dict) -> None:  # a rung's score: the trial goes on (or waits for the decision)
+        before = store.get(key)
+        rungs = [*before.rungs, {"epoch": result["metrics"]["epochs"], "metric": result["metric"]}]
+        seconds = (before.seconds or 0.0) + result["seconds"] if before.rungs else result["seconds"]
+        store.record(key, {**result, "seconds": seconds, "metrics": {**result["metrics"], "rungs": rungs}},
+                     state="pending")
+
+    for rung in range(len(halving.rungs) + 1):
+        due = []
+        for keys in by_method.values():
+            trials = [store.get(k) for k in keys]
+            if all(t.state == "done" for t in trials):
+                continue
+            alive, decided = halving_survivors(trials, halving)
+            for t in trials:  # a stopped candidate's states are not needed again
+                if t.candidate not in alive[-1]:
+                    (plan.states / f"{t.key}.safetensors").unlink(missing_ok=True)
+            if not decided and len(alive) == rung + 1:  # the method is at this rung
+                due += [t for t in trials if t.candidate in alive[rung] and len(t.rungs) <= rung]
+        grouped = groups(due)
+        run([plan.unit("select", s[0].task, s, threads, progress, rung=rung)
+             for s in stacks(grouped, {k: v for k, v in sizes.items() if k in grouped}, max_stack)],
+            f"rung {rung + 1} of {len(halving.rungs) + 1}", record)
+    for (task, method), keys in by_method.items():
+        trials = [store.get(k) for k in keys]
+        alive, decided = halving_survivors(trials, halving)
+        if not decided or any(t.state == "failed" for t in trials):
+            continue
+        store.mark([k for k in keys if store.get(k).state != "done"], "done")
+        for k in keys:
+            (plan.states / f"{k}.safetensors").unlink(missing_ok=True)
+        stopped = {r: len(alive[r - 1]) - len(alive[r]) for r in range(1, len(alive))}
+        say(f"  {task} {method}: {len(alive[0])} candidates; stopped "
+            + ", ".join(f"{n} at rung {r}" for r, n in stopped.items()) + f"; {len(alive[-1])} left")
+
+
 def _run_sweep(spec: SweepSpec, out: Path, executor: str, jobs: int, address: str | None, max_stack: int,
                memory_budget: int | None, threads: int, progress: bool) -> str:
     plan = Plan(spec, out)
@@ -76,7 +124,7 @@ def _run_sweep(spec: SweepSpec, out: Path, executor: str, jobs: int, address: st
 
     done = [len(selection) - len(todo)]
 
-    def run(units: list[Unit], what: str) -> None:
+    def run(units: list[Unit], what: str, record: Callable[[str, dict], None] | None = None) -> None:
         for unit in units:
             store.mark(unit.keys, "running")
         for unit, outcome in execute(units, executor, jobs, address, spec.gpus_per_unit):
@@ -85,7 +133,7 @@ def _run_sweep(spec: SweepSpec, out: Path, executor: str, jobs: int, address: st
                 say(f"  {unit.task}: {what} failed: {outcome.error}")
                 continue
             for key, result in outcome.results.items():
-                store.record(key, result)
+                (record or store.record)(key, result)
             if outcome.test_read:
                 store.count_test_read(plan.hash, unit.task)
             if not unit.items:
@@ -103,8 +151,11 @@ def _run_sweep(spec: SweepSpec, out: Path, executor: str, jobs: int, address: st
     for key, size in sizes.items():
         say(f"  {key[0]} {key[1]}: {min(size, len(grouped[key]))} model(s) per stack within the "
             f"{format_bytes(memory_budget)} budget")
-    run([plan.unit("select", s[0].task, s, threads, progress) for s in stacks(grouped, sizes, max_stack)],
-        "selection")
+    if spec.halving is None:
+        run([plan.unit("select", s[0].task, s, threads, progress) for s in stacks(grouped, sizes, max_stack)],
+            "selection")
+    else:
+        _halving(plan, store, selection, run, sizes, max_stack, threads, progress, say)
 
     chosen: dict[tuple[str, str], Candidate] = {}
     # a trial is shared by every spec that runs it; its candidate index is this spec's, not the one stored by the

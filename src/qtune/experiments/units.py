@@ -30,6 +30,7 @@ class Item:
     options: dict[str, Any]
     train: TrainConfig
     fold: int  # selection: the held-out fold (-1: the validation samples); final runs: -1
+    until: int | None = None  # successive halving: train to this epoch of the schedule (and save the state) and score
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Unit:
     points: tuple[Point, ...]
     threads: int = 1
     progress: bool = False
+    states: str | None = None  # successive halving: the folder of the trials' training states between rungs
 
     @property
     def keys(self) -> list[str]:
@@ -137,18 +139,22 @@ def _build(backbone, unit: Unit, items: tuple[Item, ...] | list[Item]):
     return [TunedModel.build(backbone, i.method, unit.num_classes, i.options, seed=i.train.seed) for i in items]
 
 
-def _fit(models, batches, cfgs, weights, tick, selection: bool) -> None:
+def _fit(models, batches, cfgs, weights, tick, selection: bool, states: list[Path] | None = None,
+         until: int | None = None) -> None:
     """Side-path models train as one stack; a stream method's model alone (it traces its own stream). A diverged
-    selection candidate is scored as it ends (as in a stack), a diverged final run is a failed trial."""
+    selection candidate is scored as it ends (as in a stack), a diverged final run is a failed trial. With
+    ``until``, training stops at that epoch, each model's state saved in ``states`` (or continued from there)."""
     from ..engine.loop import fit
     from ..engine.many import fit_many
 
     if models[0].reads_taps:
-        fit_many(models, batches, cfgs, weights, on_epoch=tick and (lambda e, _: tick(e)))
+        fit_many(models, batches, cfgs, weights, on_epoch=tick and (lambda e, _: tick(e)), states=states,
+                 until=until)
         return
     for g, (m, c) in enumerate(zip(models, cfgs)):
         fit(m, batches, c, sample_weight=None if weights is None else weights[g],
-            on_epoch=tick and (lambda r: tick(r["epoch"])), stop_on_nonfinite=not selection)
+            on_epoch=tick and (lambda r: tick(r["epoch"])), stop_on_nonfinite=not selection,
+            state=None if states is None else states[g], until=until)
 
 
 def trained_samples(pool, weights):
@@ -174,14 +180,17 @@ def select(unit: Unit) -> Outcome:
     train, weights = trained_samples(data.pool, ~masks & (data.final_train | data.val))
     scored = masks.any(0)
     batches = _batches(models[0], unit, {"train": train, "scored": data.pool.select(scored.tolist())})
+    until = unit.items[0].until  # one rung per unit: the planner stacks trials at one rung
+    states = None if unit.states is None else [Path(unit.states) / f"{i.key}.safetensors" for i in unit.items]
     t0 = time.perf_counter()
     _fit(models, batches["train"], cfgs, weights, _ticker(unit, f"{unit.items[0].label} selection x{len(models)}"),
-         selection=True)
+         selection=True, states=states, until=until)
     logits, labels = predict(models, batches["scored"], cfgs[0])
     seconds = (time.perf_counter() - t0) / len(models)
     accs = accuracies(logits, labels, masks[:, scored])
     return Outcome({i.key: {"metric": a, "seconds": seconds, "trainable_parameters": m.num_trainable(),
-                            "metrics": {"held_out": int(k.sum()), "trained_on": len(train.samples)}}
+                            "metrics": {"held_out": int(k.sum()), "trained_on": len(train.samples),
+                                        "epochs": i.train.epochs if until is None else min(until, i.train.epochs)}}
                     for i, a, m, k in zip(unit.items, accs, models, masks)})
 
 

@@ -69,7 +69,9 @@ def sweep_rows(store: Store, spec_hash: str) -> tuple[list[ResultRow], list[dict
         # by setting, not by the stored candidate index: a trial shared with another spec keeps that spec's index
         cv = [t.metric for t in folds if _setting(t, varied) == setting and t.state == "done"]
         accs = [t.metric for t in finals]
+        stopped = _stopped(folds, varied, setting)
         hparams = {"chosen": setting, "selection_accuracy": mean(cv) if cv else None,
+                   **({"stopped": stopped} if stopped else {}),
                    "seeds": [t.seed for t in finals], "seed_accuracies": accs, "std": pstdev(accs),
                    "source": chosen.config.get("source"),
                    **{k: chosen.metrics[k] for k in ("memory_batch_size", "recipe_batch_size", "recipe_memory_bytes")
@@ -82,13 +84,35 @@ def sweep_rows(store: Store, spec_hash: str) -> tuple[list[ResultRow], list[dict
     return rows, choices
 
 
+def _stopped(folds: list[Trial], varied: list[str], chosen: dict) -> list[dict]:
+    """Under successive halving: the candidates stopped before the end of their schedule (the choice aside, which
+    is not trained further once it is the last one left), each with the epoch it reached and its mean held-out
+    accuracy there; empty without halving."""
+    by_setting: dict[str, list[Trial]] = {}
+    for t in folds:
+        setting = _setting(t, varied)
+        if t.state == "done" and t.rungs and t.metrics["epochs"] < t.config["train"]["epochs"] and setting != chosen:
+            by_setting.setdefault(_label(setting), []).append(t)
+    return [{"setting": k, "epoch": ts[0].metrics["epochs"], "accuracy": mean(t.metric for t in ts)}
+            for k, ts in by_setting.items()]
+
+
+def _label(setting: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
+
+
 def _choices_markdown(choices: list[dict]) -> str:
     lines = ["| task | method | chosen | CV / val accuracy | test (mean ± std over seeds) |", "|---|---|---|--:|--:|"]
     for c in choices:
-        chosen = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in c["chosen"].items())
         sel = "-" if c["selection_accuracy"] is None else f"{100 * c['selection_accuracy']:.1f}"
         test = f"{100 * mean(c['seed_accuracies']):.1f} ± {100 * c['std']:.1f} (n={len(c['seeds'])})"
-        lines.append(f"| {c['task']} | {c['method']} | {chosen or '(one candidate)'} | {sel} | {test} |")
+        lines.append(f"| {c['task']} | {c['method']} | {_label(c['chosen']) or '(one candidate)'} | {sel} | {test} |")
+    halved = [c for c in choices if c.get("stopped")]
+    if halved:
+        lines += ["", "Stopped by successive halving (epoch reached, mean held-out accuracy there):", ""]
+        lines += [f"- {c['task']} {c['method']}: " + "; ".join(f"{s['setting']} at epoch {s['epoch']} "
+                                                                f"({100 * s['accuracy']:.1f})" for s in c["stopped"])
+                  for c in halved]
     return "\n".join(lines)
 
 
