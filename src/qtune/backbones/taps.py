@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import torch
 
 if TYPE_CHECKING:
     from .points import Point
     from .vit import Backbone, QueryOutput
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -40,6 +42,14 @@ class Taps:
         Taps that reads K/V lazily (a depth-streamed cache) can put the read and the block under one checkpoint.
         """
         return backbone.query_block(block, tokens, *self.kv(block))
+
+    def run_block(self, fn: Callable[..., R], *args: Any) -> R:
+        """``fn(*args)``: one block's whole side path, which queries these taps once (``query``).
+
+        Here it just runs. A Taps that reads K/V lazily runs it under one activation checkpoint, so that backward
+        recomputes the block's trainable path together with its K/V read instead of keeping its activations.
+        """
+        return fn(*args)
 
     @property
     def batch_size(self) -> int:

@@ -210,7 +210,8 @@ class _LazyBlocks(Sequence[torch.Tensor]):
 
 class StreamedTaps(Taps):
     """Taps whose K/V stay on disk until a block is queried; ``query`` runs that block under activation
-    checkpointing with the read inside, so neither forward nor backward holds more than one block's K/V."""
+    checkpointing with the read inside, so neither forward nor backward holds more than one block's K/V.
+    ``run_block`` widens the checkpoint to a method's whole per-block unit (its trainable path and the query)."""
 
     def __init__(self, read: Callable[[int], tuple[torch.Tensor, torch.Tensor]], pooled: torch.Tensor,
                  blocks: tuple[int, ...], points: dict[Point, Sequence[torch.Tensor]] | None = None):

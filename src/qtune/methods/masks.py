@@ -26,6 +26,11 @@ def per_model_generators(generators: Sequence[torch.Generator]) -> Iterator[None
         _generators.pop()
 
 
+def per_model_masks() -> bool:
+    """Whether masks now come from per-model generators, which activation checkpointing does not rewind."""
+    return bool(_generators)
+
+
 class _KeepMask(torch.autograd.Function):
     """A {0, 1/keep} mask shaped like its input; not differentiable (it depends on the input's shape only)."""
 
