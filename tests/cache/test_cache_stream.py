@@ -87,3 +87,51 @@ def test_streamed_step_saves_no_kv_for_backward(deep):
         kv_numel = torch.Size(kv_shape).numel()
         kv_saved = sum(torch.Size(s).numel() == kv_numel for s in shapes)
         assert kv_saved == (0 if stream else 2 * bb.depth)
+
+
+def _queries_saved(model, taps, y):
+    """How many (B, n, D) tensors (queries and their adapters' activations) autograd keeps outside checkpoints."""
+    b, n, d = y.shape[0], model.method.config.tokens, model.backbone.dim
+    count = 0
+
+    def pack(t):
+        nonlocal count
+        count += tuple(t.shape) == (b, n, d)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model.forward_taps(taps), y)
+    loss.backward()
+    return count
+
+
+def test_streamed_synqt_recomputes_each_blocks_side_path_instead_of_keeping_it(deep):
+    """Streamed, a block's QSM, input projection and query run inside that block's checkpoint with its K/V read:
+    backward recomputes them, and none of their (B, n, D) activations is kept; K/V are still read twice per block."""
+    bb, cache, listing = deep
+    rows = cache.rows_for(listing)[:16]
+    y = torch.tensor(listing.labels[:16])
+    model = TunedModel.build(bb, "synqt", 4).train()
+    assert _queries_saved(model, cache.taps(rows, range(bb.depth), CPU, stream=False), y) >= 10 * bb.depth
+    counter = AliveKV(cache)
+    assert _queries_saved(model, cache.taps(rows, range(bb.depth), CPU, stream=True), y) == 0
+    assert counter.peak == 1 and counter.reads == 2 * bb.depth
+
+
+def test_streamed_synqt_with_per_model_masks_equals_plain_taps(deep):
+    """Masks drawn from a model's own generator (a stack of one, engine.many) are not rewound by a checkpoint, so
+    streamed taps then run the side path as is: the same masks, the same gradients as plain taps."""
+    from qtune.methods.masks import per_model_generators
+
+    bb, cache, listing = deep
+    rows = cache.rows_for(listing)[:16]
+    y = torch.tensor(listing.labels[:16])
+    model = TunedModel.build(bb, "synqt", 4).train()
+    grads = []
+    for stream in (False, True):
+        model.zero_grad(set_to_none=True)
+        with per_model_generators([torch.Generator().manual_seed(5)]):
+            F.cross_entropy(model.forward_taps(cache.taps(rows, range(bb.depth), CPU, stream=stream)), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

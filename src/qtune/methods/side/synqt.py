@@ -146,16 +146,23 @@ class SynQT(Method):
     def classifier(self) -> nn.Linear:
         return self.head.fc
 
+    def block_path(self, taps: Taps, backbone: Backbone, j: int,
+                   prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The j-th block's side path: queries synthesised from its prompts and ``prev`` (the previous block's
+        knowledge H, (B, D)), extracted through the frozen block; returns the token means of A, M and H."""
+        p = self.prompts[j].expand(taps.batch_size, -1, -1)  # (B, n, D)
+        if prev is not None:
+            p = p + self.feat_scale * prev.unsqueeze(1)  # previous block's knowledge, broadcast over n
+        t = self.query_drop(self.qsm[j](self.in_proj[j](p)))
+        a, m, h = taps.query(backbone, self.blocks[j], t)
+        return a.mean(dim=1), m.mean(dim=1), h.mean(dim=1)  # token means: D-vectors from here on
+
     def forward(self, taps: Taps, backbone: Backbone) -> torch.Tensor:
-        b = taps.batch_size
         outs, attns, mlps = [], [], []
-        for j, i in enumerate(self.blocks):
-            p = self.prompts[j].expand(b, -1, -1)  # (B, n, D)
-            if outs:
-                p = p + self.feat_scale * outs[-1].unsqueeze(1)  # previous block's knowledge, broadcast over n
-            t = self.query_drop(self.qsm[j](self.in_proj[j](p)))
-            a, m, h = taps.query(backbone, i, t)
-            attns.append(a.mean(dim=1))  # token means: D-vectors from here on
-            mlps.append(m.mean(dim=1))
-            outs.append(h.mean(dim=1))
+        for j in range(len(self.blocks)):
+            # One unit per block: streamed taps recompute it in backward instead of keeping its ~20 (B, n, D) tensors.
+            a, m, h = taps.run_block(self.block_path, taps, backbone, j, outs[-1] if outs else None)
+            attns.append(a)
+            mlps.append(m)
+            outs.append(h)
         return self.head(torch.stack([outs[-1], *outs, *attns, *mlps], dim=1))
