@@ -100,13 +100,14 @@ def stream_methods(methods: list[str], tasks: list[str], epochs: int, input_size
 
 
 def sweep_spec(weights: Path, task_dirs: dict[str, Path], seeds: list[int], cache_dtype: str,
-               methods: dict[str, Table], overrides: dict[str, dict[str, Table]]) -> str:
-    """The benchmark as a sweep spec (TOML)."""
-    lines = [f"name = {toml_value(f'real backbone ({weights.name})')}", "",
+               methods: dict[str, Table], overrides: dict[str, dict[str, Table]],
+               protocol: Table | None = None, name: str | None = None) -> str:
+    """The benchmark as a sweep spec (TOML); ``protocol`` adds to (or replaces) its [protocol] fields."""
+    proto = {"selection": "val", "seed": 0, "seeds": seeds, "cache_dtype": cache_dtype, **(protocol or {})}
+    lines = [f"name = {toml_value(name or f'real backbone ({weights.name})')}", "",
              "[backbone]", f"weights = {toml_value(str(weights))}", "",
              "[tasks]", f"vtab = {toml_value([str(d) for d in task_dirs.values()])}", "",
-             "[protocol]", 'selection = "val"', "seed = 0", f"seeds = {toml_value(seeds)}",
-             f"cache_dtype = {toml_value(cache_dtype)}", ""]
+             "[protocol]", *(f"{k} = {toml_value(v)}" for k, v in proto.items()), ""]
     for label, table in methods.items():
         lines += [f"[methods.{toml_key(label)}]", *(f"{k} = {toml_value(v)}" for k, v in table.items()), ""]
     for task, per in overrides.items():
@@ -153,11 +154,7 @@ def main() -> None:
         unknown = [m for m in side if m not in SIDE + FAMILY]
         if unknown:
             p.error(f"--methods: {', '.join(unknown)} (choose from {', '.join(SIDE + FAMILY)})")
-        dirs = {}
-        for task in tasks:  # real scans at their native 28 px, generated tasks at dSprites' 64 px
-            size = 28 if task in REAL else 64
-            dirs[task] = make_offline_benchmark(out / "data", seed=0, tasks=[task], image_size=size,
-                                                test_size=args.test_size)[0]
+        dirs = task_dirs(out / "data", tasks, args.test_size)
         methods, overrides = side_methods(tasks, [_variant(v) for v in args.variant], side,
                                           tuple(float(x) for x in args.vqt_lrs.split(",")),
                                           tuple(args.synqt_natural.split(",")))
@@ -180,6 +177,13 @@ def main() -> None:
     write_report(out, out)
     print(f"\n{out}: table.txt, table.md, summary.csv, summary.json, results.json, chosen.md; "
           f"{time.perf_counter() - start:.0f} s")
+
+
+def task_dirs(root: Path, tasks: list[str], test_size: int) -> dict[str, Path]:
+    """The tasks as VTAB-1k folders under ``root``: real scans at their native 28 px, generated tasks at dSprites'
+    64 px."""
+    return {task: make_offline_benchmark(root, seed=0, tasks=[task], image_size=28 if task in REAL else 64,
+                                         test_size=test_size)[0] for task in tasks}
 
 
 def _lrs(text: str) -> dict[str, tuple[float, ...]]:

@@ -23,7 +23,7 @@ seed = 0                   # folds and the shared batch order
 seeds = [0, 1, 2]          # final runs of the chosen config
 cache_dtype = "fp16"
 gpus_per_unit = 1          # GPUs a unit training on "cuda" asks Ray for (0.25: four units share one)
-halving = { eta = 3, rungs = [0.2, 0.4] }   # successive halving of each grid (optional; see Halving)
+halving = { eta = 3, rungs = [0.1, 0.3] }   # successive halving of each grid (optional; see Halving)
 
 [methods.synqt]
 preset = "synqt:vtab/{task}"          # optional; VTAB tasks only
@@ -81,7 +81,7 @@ class Halving:
     choice: it is not trained further for selection."""
 
     eta: float = 3.0
-    rungs: tuple[float, ...] = (0.2, 0.4)
+    rungs: tuple[float, ...] = (0.1, 0.3)
 
     def epochs(self, total: int) -> list[int]:
         """The epochs at which a run of ``total`` epochs is scored: each rung's, then the end."""

@@ -139,10 +139,11 @@ def _run_sweep(spec: SweepSpec, out: Path, executor: str, jobs: int, address: st
             if not unit.items:
                 say(f"  {unit.task}: {what} ready ({time.perf_counter() - start:.0f} s)", flush=True)
                 continue
-            done[0] += len(unit.items)
             methods = ", ".join(sorted({i.label for i in unit.items}))
-            say(f"  [{done[0]}/{total}] {unit.task} {methods}: {what} of {len(unit.items)} trial(s) done "
-                f"({time.perf_counter() - start:.0f} s)", flush=True)
+            if record is None:  # a rung's trials are not done yet: counted when their method's choice is made
+                done[0] += len(unit.items)
+            say(f"  {'' if record else f'[{done[0]}/{total}] '}{unit.task} {methods}: {what} of {len(unit.items)} "
+                f"trial(s) done ({time.perf_counter() - start:.0f} s)", flush=True)
 
     needs_cache = {t.task for t in todo if plan.reads_cache(t.method)}
     run([plan.unit("cache", t, [], threads, progress) for t in side_tasks if t in needs_cache], "cache")
@@ -156,6 +157,7 @@ def _run_sweep(spec: SweepSpec, out: Path, executor: str, jobs: int, address: st
             "selection")
     else:
         _halving(plan, store, selection, run, sizes, max_stack, threads, progress, say)
+        done[0] = sum(store.get(t.key).state == "done" for t in selection)
 
     chosen: dict[tuple[str, str], Candidate] = {}
     # a trial is shared by every spec that runs it; its candidate index is this spec's, not the one stored by the
