@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 # name -> torch dtype name; fp32 is also "no autocast".
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# name -> torch dtype name of what a TapCache stores its K/V as; int8 with per-channel scales (cache/quant.py).
+# name -> torch dtype name of what a TapCache stores its K/V as; int8 with per-token scales (cache/quant.py).
 CACHE_DTYPES = {**PRECISIONS, "int8": "int8"}
 
 

@@ -1,4 +1,4 @@
-"""int8 caches: K/V quantised with fp16 scales, scale files built, resumed and verified like the others, and a
+"""int8 caches: K/V quantised with per-token fp16 scales, scale files built, resumed and verified like the others, and a
 trained model reading them gives nearly the logits it gives from an fp32 cache."""
 import json
 
@@ -56,12 +56,11 @@ def test_roundtrip_error_is_at_most_half_a_step(layout):
 def test_int8_cache_builds_reads_and_sizes(vtab, tmp_path):
     bb = tiny_backbone()
     m = build(tmp_path / "c", vtab, "int8").manifest
-    assert m["dtype"] == "int8" and m["format_version"] == 2 and m["quantisation"]["scale_layout"] == "channel"
+    assert m["dtype"] == "int8" and m["format_version"] == 2 and m["quantisation"]["scale_layout"] == "token"
     names = sorted(p.name for p in (tmp_path / "c").glob("*.npy"))
     assert names == sorted([block_file(b) for b in range(3)] + [scale_file(b) for b in range(3)] + ["pooled.npy"])
     assert set(m["digests"]) == set(names)  # every file, scales too, checksummed per chunk
-    hd = bb.dim // bb.num_heads
-    scales = 2 * bb.num_heads * hd * 2  # per block: K/V x heads x channels, fp16
+    scales = 2 * bb.num_heads * bb.num_tokens * 2  # per block: K/V x heads x tokens, fp16
     assert m["bytes_per_sample"] == bb.kv_bytes_per_sample(bytes_per_value=1) + bb.depth * scales + 2 * bb.dim
     assert m["bytes"] == sum((tmp_path / "c" / n).stat().st_size for n in names)
     assert np.load(tmp_path / "c" / "pooled.npy", mmap_mode="r").dtype == np.float16  # floats stay fp16
@@ -75,7 +74,7 @@ def test_int8_cache_builds_reads_and_sizes(vtab, tmp_path):
     for i in range(bb.depth):
         got, want = torch.stack(taps.kv(i), 1), torch.stack([live.keys[i], live.values[i]], 1)
         assert got.dtype == torch.float32
-        assert torch.equal(got, roundtrip(want, "channel"))  # the build's quantisation, read back exactly
+        assert torch.equal(got, roundtrip(want, "token"))  # the build's quantisation, read back exactly
         assert (got - want).abs().amax() <= 0.5 / 127 * want.abs().amax() * 1.01
 
 

@@ -4,7 +4,7 @@
 A cache folder holds, for the union of the images of one or more listings under a common root:
   block_XXX.npy   (rows, 2, H, N, head_dim): K and V of backbone block XXX, one row per image, so gathering a batch
                   is one fancy-index per block;
-  block_XXX.scale.npy  int8 caches only: the fp16 scales of block XXX's K/V, (rows, 2, H, head_dim) (cache/quant.py);
+  block_XXX.scale.npy  int8 caches only: the fp16 scales of block XXX's K/V, (rows, 2, H, N) (cache/quant.py);
   pooled.npy      (rows, D): the backbone's pooled final feature;
   point_P_XXX.npy (rows, ...): block point P (backbones/points.py: per token, or pooled) of block XXX, for the
                   methods that read more than K/V (Head2Toe, LST);
