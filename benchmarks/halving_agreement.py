@@ -82,6 +82,8 @@ def main() -> None:
     p.add_argument("--eta", type=float, default=3.0)
     p.add_argument("--rungs", default="0.1,0.3", help="fractions of each schedule at which candidates are scored")
     p.add_argument("--cache-dtype", default="fp16")
+    p.add_argument("--epochs", type=int, help="every schedule this long (warmup scaled with it): a stated "
+                   "shorter schedule where the recipes' do not fit the machine")
     p.add_argument("--jobs", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -90,6 +92,10 @@ def main() -> None:
     weights = Path(args.weights) if args.weights == "demo" else Path(args.weights).resolve()
     tasks = [t for t in args.tasks.split(",") if t]
     methods = {m: GRIDS[m] for m in args.methods.split(",")}
+    if args.epochs:
+        methods = {m: {**t, "train": {**t["train"], "epochs": args.epochs,
+                                      "warmup_epochs": t["train"]["warmup_epochs"] * args.epochs
+                                      / t["train"]["epochs"]}} for m, t in methods.items()}
     dirs = task_dirs(out / "data", tasks, args.test_size)
     halving = {"eta": args.eta, "rungs": [float(f) for f in args.rungs.split(",")]}
     specs = {}

@@ -67,6 +67,10 @@ def _halving(plan: Plan, store: Store, selection: list[Trial], run: Callable, si
     by_method: dict[tuple[str, str], list[str]] = {}
     for t in selection:
         by_method.setdefault((t.task, t.method), []).append(t.key)
+    index = {t.key: t.candidate for t in selection}
+
+    def get(key: str) -> Trial:  # with this spec's candidate index (a shared trial keeps the first spec's)
+        return replace(store.get(key), candidate=index[key])
 
     def record(key: str, result: dict) -> None:  # a rung's score: the trial goes on (or waits for the decision)
         before = store.get(key)
@@ -78,7 +82,7 @@ def _halving(plan: Plan, store: Store, selection: list[Trial], run: Callable, si
     for rung in range(len(halving.rungs) + 1):
         due = []
         for keys in by_method.values():
-            trials = [store.get(k) for k in keys]
+            trials = [get(k) for k in keys]
             if all(t.state == "done" for t in trials):
                 continue
             alive, decided = halving_survivors(trials, halving)
@@ -92,7 +96,7 @@ def _halving(plan: Plan, store: Store, selection: list[Trial], run: Callable, si
              for s in stacks(grouped, {k: v for k, v in sizes.items() if k in grouped}, max_stack)],
             f"rung {rung + 1} of {len(halving.rungs) + 1}", record)
     for (task, method), keys in by_method.items():
-        trials = [store.get(k) for k in keys]
+        trials = [get(k) for k in keys]
         alive, decided = halving_survivors(trials, halving)
         if not decided or any(t.state == "failed" for t in trials):
             continue
