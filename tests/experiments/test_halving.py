@@ -122,3 +122,20 @@ def test_bad_halving_is_one_line(task, tmp_path, capsys, value, message):
     assert main(["sweep", str(spec), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err
+
+
+def test_stream_methods_go_on_from_fits_state(task, tmp_path):
+    """A stream method's candidates train alone with fit, whose state at the rung is the one it goes on from: the
+    survivors end bit for bit where the full protocol's runs end."""
+    methods = "[methods.bitfit]\ngrid = { lr = [0.03, 0.01, 0.001] }\n"
+    spec = write_spec(tmp_path / "f.toml", task, epochs=3, methods=methods, seeds="[0]")
+    full = run_sweep(spec, tmp_path / "run", jobs=1, progress=False)
+    spec.write_text(spec.read_text().replace("[protocol]\n", "[protocol]\n" + HALVING))
+    half = run_sweep(spec, tmp_path / "run", jobs=1, progress=False)  # one folder: two sweeps, their own trials
+    store = Store(tmp_path / "run" / "store.sqlite")
+    f_folds = {(t.candidate, t.fold): t for t in store.trials(full) if t.kind == "fold"}
+    h_folds = [t for t in store.trials(half) if t.kind == "fold"]
+    assert not {t.key for t in f_folds.values()} & {t.key for t in h_folds}
+    went_on = [t for t in h_folds if len(t.rungs) == 2]
+    assert len(went_on) == 2 * 3 and len([t for t in h_folds if len(t.rungs) == 1]) == 3
+    assert all(t.metric == f_folds[(t.candidate, t.fold)].metric for t in went_on)
