@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..preprocessing import Preprocessing
 from .points import Point
 from .taps import Taps
-from .vit import Backbone, BackboneIdentity, QueryOutput, _heads, _merge, _query_attention
+from .vit import Backbone, BackboneIdentity, QueryOutput, _drop_path, _heads, _merge, _query_attention
 
 
 class StageBackbone(Backbone):
@@ -162,16 +162,18 @@ class SwinBackbone(StageBackbone):
         _, k, v = _heads(blk.attn.qkv(h), 3 * blk.attn.num_heads).chunk(3, dim=1)
         return k, v
 
-    def query_block(self, i: int, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> QueryOutput:
+    def query_block(self, i: int, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    drop_path: float = 0.0) -> QueryOutput:
         blk = self.stage.blocks[i]
         attn = blk.attn
         h = blk.norm1(tokens)
         q_dim = attn.qkv.out_features // 3
         bias = attn.qkv.bias[:q_dim] if attn.qkv.bias is not None else None
         q = _heads(F.linear(h, attn.qkv.weight[:q_dim], bias), attn.num_heads)
-        a = attn.proj(_merge(_query_attention(q, k.to(q.dtype), v.to(q.dtype), attn.scale)))
+        a = _drop_path(attn.proj(_merge(_query_attention(q, k.to(q.dtype), v.to(q.dtype), attn.scale))), drop_path,
+                       True)
         e = tokens + a
-        m = blk.mlp(blk.norm2(e))
+        m = _drop_path(blk.mlp(blk.norm2(e)), drop_path, True)
         return QueryOutput(a, m, e + m)
 
 
@@ -226,13 +228,15 @@ class ConvNeXtBackbone(StageBackbone):
         v = blk.conv_dw(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
         return blk.norm(v).unsqueeze(1), v.unsqueeze(1)  # one "head" of width C
 
-    def query_block(self, i: int, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> QueryOutput:
+    def query_block(self, i: int, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    drop_path: float = 0.0) -> QueryOutput:
         blk = self.stage.blocks[i]
         q = blk.norm(tokens).unsqueeze(1)  # (B, 1, n, C)
         a = _query_attention(q, k.to(q.dtype), v.to(q.dtype), q.shape[-1] ** -0.5).squeeze(1)
         m = blk.mlp(blk.norm(a))
         if blk.gamma is not None:
             m = m * blk.gamma
+        m = _drop_path(m, drop_path, True)
         return QueryOutput(a, m, tokens + m)
 
 

@@ -35,13 +35,14 @@ class Taps:
         j = self.blocks.index(block)
         return self.keys[j], self.values[j]
 
-    def query(self, backbone: "Backbone", block: int, tokens: torch.Tensor) -> "QueryOutput":
-        """Query ``tokens`` through frozen block ``block`` against these taps' K/V (``Backbone.query_block``).
+    def query(self, backbone: "Backbone", block: int, tokens: torch.Tensor, drop_path: float = 0.0) -> "QueryOutput":
+        """Query ``tokens`` through frozen block ``block`` against these taps' K/V (``Backbone.query_block``, with
+        its ``drop_path``).
 
         Side-path methods go through here rather than calling ``query_block`` with ``kv(block)`` themselves, so a
         Taps that reads K/V lazily (a depth-streamed cache) can put the read and the block under one checkpoint.
         """
-        return backbone.query_block(block, tokens, *self.kv(block))
+        return backbone.query_block(block, tokens, *self.kv(block), drop_path=drop_path)
 
     def run_block(self, fn: Callable[..., R], *args: Any) -> R:
         """``fn(*args)``: one block's whole side path, which queries these taps once (``query``).

@@ -12,6 +12,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import drop_path as _drop_path
 from torch import nn
 
 from ..errors import ConfigError
@@ -126,8 +127,8 @@ def _attn_out(attn: nn.Module, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor
 class Backbone(nn.Module):
     """A frozen timm VisionTransformer plus its identity and preprocessing.
 
-    Frozen means: no parameter requires grad, the model stays in eval mode (no dropout, no stochastic depth),
-    and ``trace`` runs without autograd, so nothing of the stream is kept for backward.
+    Frozen means: no parameter requires grad, the model stays in eval mode (no dropout, no stochastic depth unless
+    a trace asks for it), and ``trace`` runs without autograd, so nothing of the stream is kept for backward.
     """
 
     kind = "vit"  # hierarchical backbones (stages.py) say which they are
@@ -201,13 +202,14 @@ class Backbone(nn.Module):
         return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
 
     def block_forward(self, i: int, x: torch.Tensor, temperature: torch.Tensor | float | None = None,
-                      parts: dict[str, torch.Tensor] | None = None
+                      parts: dict[str, torch.Tensor] | None = None, drop_path: float = 0.0
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """X_i from X_{i-1} through block i, also returning its K_i, V_i (B, H, N, hd).
 
         ``temperature`` (GateVPT) divides the block's attention logits; it is applied to q, so it may be a
         learnable tensor (the fused attention kernel takes only a float scale). ``parts``, if given, receives the
-        block's points (``points.POINTS``) per token; the stream is the same either way.
+        block's points (``points.POINTS``) per token; the stream is the same either way. ``drop_path`` > 0 drops
+        each residual branch per sample with that probability, as timm's block does in training (stochastic depth).
         """
         blk = self.model.blocks[i]
         attn = blk.attn
@@ -217,13 +219,14 @@ class Backbone(nn.Module):
         q, k = attn.q_norm(q), attn.k_norm(k)
         if temperature is not None:
             q = q / temperature
-        a = blk.ls1(_attn_out(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale), h))
+        a = _drop_path(blk.ls1(_attn_out(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale), h)),
+                       drop_path, True)
         x = x + a
         if parts is None:
-            return x + blk.ls2(blk.mlp(blk.norm2(x))), k, v
+            return x + _drop_path(blk.ls2(blk.mlp(blk.norm2(x))), drop_path, True), k, v
         mlp = blk.mlp  # timm's Mlp, step by step to expose its hidden activation
         hidden = mlp.act(mlp.fc1(blk.norm2(x)))
-        m = blk.ls2(mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(hidden)))))
+        m = _drop_path(blk.ls2(mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(hidden))))), drop_path, True)
         x = x + m
         parts.update(input=x_in, x=x, pre_attn=h, attn=a, mlp_hidden=hidden, mlp_out=m)
         return x, k, v
@@ -237,17 +240,25 @@ class Backbone(nn.Module):
         return self.model.forward_head(self.model.norm(x), pre_logits=True)
 
     @torch.no_grad()
-    def trace(self, images: torch.Tensor, blocks: Iterable[int] | None = None, points: Sequence[Point] = ()) -> Taps:
-        """Run the frozen stream once, keeping K/V of ``blocks`` (default: all), the pooled feature and ``points``."""
+    def trace(self, images: torch.Tensor, blocks: Iterable[int] | None = None, points: Sequence[Point] = (),
+              drop_path: Sequence[float] | None = None) -> Taps:
+        """Run the frozen stream once, keeping K/V of ``blocks`` (default: all), the pooled feature and ``points``.
+
+        ``drop_path``, one rate per block, runs the stream with stochastic depth as timm trains it (SynQT's
+        ``drop_path``): the taps then differ every call, so only a live trace gives them.
+        """
         keep = tuple(range(self.depth)) if blocks is None else tuple(sorted(set(blocks)))
         self.check_points(points)
+        rates = [0.0] * self.depth if drop_path is None else list(drop_path)
+        if len(rates) != self.depth:
+            raise ConfigError(f"drop_path: {len(rates)} rates for a {self.depth}-block backbone")
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         read: dict[Point, list[torch.Tensor]] = {p: [] for p in points}
         x = self.embed(images)
         for i in range(self.depth):
             parts: dict[str, torch.Tensor] | None = {} if any(i in p.blocks for p in points) else None
-            x, k, v = self.block_forward(i, x, parts=parts)
+            x, k, v = self.block_forward(i, x, parts=parts, drop_path=rates[i])
             if i in keep:  # compact copies, so the block's q and qkv buffers are not kept alive by views
                 keys.append(k.contiguous())
                 values.append(v.contiguous())
@@ -271,11 +282,13 @@ class Backbone(nn.Module):
         channels = self.model.blocks[0].mlp.fc1.out_features if p.name == "mlp_hidden" else self.dim
         return (p.width(self.num_tokens, channels),) if p.pool else (self.num_tokens, channels)
 
-    def query_block(self, i: int, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> QueryOutput:
+    def query_block(self, i: int, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    drop_path: float = 0.0) -> QueryOutput:
         """Query tokens (B, n, D) through frozen block i, attending over its K_i, V_i only.
 
         Queries neither see each other nor change the stream. Pure in the frozen weights: gradients flow to
-        ``tokens`` only. Half-precision K/V (from a cache) are promoted to the tokens' dtype.
+        ``tokens`` only. Half-precision K/V (from a cache) are promoted to the tokens' dtype. ``drop_path`` > 0
+        drops A and M per sample (all n tokens together), as timm's block drops its residual branches in training.
         """
         blk = self.model.blocks[i]
         attn = blk.attn
@@ -284,9 +297,9 @@ class Backbone(nn.Module):
         bias = attn.qkv.bias[:q_dim] if attn.qkv.bias is not None else None
         q = attn.q_norm(_heads(F.linear(h, attn.qkv.weight[:q_dim], bias), attn.num_heads))
         o = _query_attention(q, k.to(q.dtype), v.to(q.dtype), attn.scale)
-        a = blk.ls1(_attn_out(attn, o, h))
+        a = _drop_path(blk.ls1(_attn_out(attn, o, h)), drop_path, True)
         e = tokens + a
-        m = blk.ls2(blk.mlp(blk.norm2(e)))
+        m = _drop_path(blk.ls2(blk.mlp(blk.norm2(e))), drop_path, True)
         return QueryOutput(a, m, e + m)
 
     def kv_bytes_per_sample(self, blocks: Sequence[int] | None = None, bytes_per_value: int = 2) -> int:

@@ -224,13 +224,13 @@ class StreamedTaps(Taps):
             raise KeyError(f"block {block} is not among the taps' blocks {self.blocks}")
         return self._read(block)
 
-    def _query(self, backbone: Backbone, block: int, tokens: torch.Tensor) -> QueryOutput:
-        return backbone.query_block(block, tokens, *self.kv(block))
+    def _query(self, backbone: Backbone, block: int, tokens: torch.Tensor, drop_path: float = 0.0) -> QueryOutput:
+        return backbone.query_block(block, tokens, *self.kv(block), drop_path=drop_path)
 
-    def query(self, backbone: Backbone, block: int, tokens: torch.Tensor) -> QueryOutput:
+    def query(self, backbone: Backbone, block: int, tokens: torch.Tensor, drop_path: float = 0.0) -> QueryOutput:
         if self._in_block or not (torch.is_grad_enabled() and tokens.requires_grad):
-            return self._query(backbone, block, tokens)
-        return QueryOutput(*checkpoint(self._query, backbone, block, tokens, use_reentrant=False))
+            return self._query(backbone, block, tokens, drop_path)
+        return QueryOutput(*checkpoint(self._query, backbone, block, tokens, drop_path, use_reentrant=False))
 
     def _unit(self, fn: Callable[..., Any], *args: Any) -> Any:
         self._in_block += 1
