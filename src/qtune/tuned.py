@@ -44,9 +44,14 @@ class TunedModel(nn.Module):
     def points_read(self) -> tuple[Point, ...]:
         return self.method.points_read(self.backbone)
 
+    @property
+    def live_only(self) -> str | None:
+        """Why this side-path model traces live while training, never from a cache (None: a cache can serve it)."""
+        return self.method.config.live_only()
+
     def trace(self, images: torch.Tensor) -> Taps:
         """What this side-path model reads of ``images``: the frozen stream's K/V of its blocks and its points."""
-        return self.backbone.trace(images, self.blocks_read(), self.points_read())
+        return self.method.trace(self.backbone, images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.method.reads_taps:

@@ -18,8 +18,9 @@ def cached_splits(path: str | Path, model: TunedModel, splits: Mapping[str, List
                   stream: bool = False, fallback: bool = False) -> tuple[dict[str, CachedBatches], list[str]]:
     """The splits the cache can serve for ``model``, and a one-line note for each split traced live instead.
 
-    A split is served only if the backbone identity, preprocessing and kept blocks match and every one of its
-    samples is in the cache with the same label and an unchanged file; anything else falls back to live tracing,
+    A split is served only if the model can read a cache at all (``MethodConfig.live_only``), the backbone
+    identity, preprocessing and kept blocks match and every one of its samples is in the cache with the same label
+    and an unchanged file; anything else falls back to live tracing,
     except a corrupt cache (truncated, failing a checksum): that is a CacheCorruptError unless ``fallback``.
     """
     def live(reason: str, split: str | None = None) -> str:
@@ -31,6 +32,8 @@ def cached_splits(path: str | Path, model: TunedModel, splits: Mapping[str, List
 
     if not model.reads_taps:
         return {}, [live(f"method {model.method.name!r} trains the stream, it does not read taps")]
+    if model.live_only:
+        return {}, [live(model.live_only)]
     try:
         cache = TapCache(path)
     except CacheCorruptError as e:
@@ -70,8 +73,9 @@ def batches_for(model: TunedModel, cache: str | Path | None, listings: Mapping[s
 
 def what_is_read(backbone: Backbone, candidates: Iterable[tuple[str, dict[str, Any]]], num_classes: int,
                  ) -> tuple[tuple[int, ...], tuple[Point, ...]]:
-    """The blocks (K/V) and block points that side-path ``(method, options)`` candidates read: what a cache serving
-    them stores. What is read depends on the options only, so one model is built per distinct (method, options)."""
+    """The blocks (K/V) and block points that side-path ``(method, options)`` candidates read from a cache: what a
+    cache serving them stores (nothing for those that trace live, ``MethodConfig.live_only``). What is read depends on
+    the options only, so one model is built per distinct (method, options)."""
     from ..methods import get_method
 
     blocks: set[int] = set()
@@ -80,6 +84,8 @@ def what_is_read(backbone: Backbone, candidates: Iterable[tuple[str, dict[str, A
     for method, options in distinct.values():
         if get_method(method).reads_taps:
             model = TunedModel.build(backbone, method, num_classes, options)
+            if model.live_only:
+                continue
             blocks.update(model.blocks_read())
             points.update(dict.fromkeys(model.points_read()))
     return tuple(sorted(blocks)), tuple(points)

@@ -91,6 +91,9 @@ class ModelStack:
 
     def losses(self, inputs: Any, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """(G,) training losses; ``weights`` (G, B) per model and sample, or None for plain means."""
+        why = self.models[0].live_only
+        if why:  # each model would need its own random stream, and its masks under vmap its own generator
+            raise ConfigError(f"method {self.base.name!r}: {why}; such models train one at a time (fit), not stacked")
         taps = self.taps(inputs)
         if len(self.models) == 1:  # one model runs as itself: vmap's batching costs 1.4-1.9x per SynQT step
             w = None if weights is None else weights[0]
@@ -141,9 +144,15 @@ def fit_many(models: Sequence[TunedModel], train: Batches, cfgs: Sequence[TrainC
     ``until`` stops after that epoch, a point in the full schedule (a rung of successive halving); with ``states``
     (one file per model) each model's training state is written there when it stops, and a stack whose files all
     exist at one epoch goes on from it. Each model's run depends on its own state only, so the models that go on may
-    do so in a smaller stack."""
+    do so in a smaller stack.
+
+    Models that trace the frozen stream live while training (``MethodConfig.live_only``: SynQT's ``drop_path``)
+    share no trace, so they train one after another, each with ``fit`` (``on_epoch`` then gets one model's record).
+    """
     stack = ModelStack(models)
     _check_configs(cfgs, len(stack))
+    if stack.models[0].live_only:
+        return _one_by_one(stack.models, train, cfgs, sample_weights, on_epoch, states, until)
     cfg0 = cfgs[0]
     device = cfg0.resolved_device()
     if cfg0.precision == "fp16" and device.type == "cuda":
@@ -201,6 +210,19 @@ def fit_many(models: Sequence[TunedModel], train: Batches, cfgs: Sequence[TrainC
                               "optimizer": opt.state_dict(), "generator": gen.get_state(), "history": history,
                               "epoch": last})
     return histories
+
+
+def _one_by_one(models: Sequence[TunedModel], train: Batches, cfgs: Sequence[TrainConfig],
+                sample_weights: torch.Tensor | None, on_epoch: Callable[[int, list[dict[str, Any]]], None] | None,
+                states: Sequence[Path] | None, until: int | None) -> list[list[dict[str, Any]]]:
+    """``fit`` of each model alone: its random draws (stochastic depth included) come from the global RNG seeded
+    with its own seed, so each run is what ``qtune train`` of its config gives; a rung's state is ``fit``'s."""
+    from .loop import fit  # loop -> predict -> many
+
+    return [fit(m, train, c, sample_weight=None if sample_weights is None else sample_weights[g],
+                on_epoch=None if on_epoch is None else (lambda r: on_epoch(r["epoch"], [r])),
+                stop_on_nonfinite=False, state=None if states is None else Path(states[g]), until=until)
+            for g, (m, c) in enumerate(zip(models, cfgs))]
 
 
 def _resume(stack: ModelStack, schedules: list, generators: list[torch.Generator],

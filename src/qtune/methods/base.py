@@ -29,6 +29,11 @@ class MethodConfig:
     def validate(self) -> None:
         """Raise ConfigError on an out-of-range value."""
 
+    def live_only(self) -> str | None:
+        """Why a side-path model of these options must trace the frozen stream live while it trains, in words (a
+        cache's note says it); None when a cache can serve it."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -156,6 +161,12 @@ class Method(nn.Module):
         self.num_classes = num_classes
 
     @classmethod
+    def live_only(cls, options: dict[str, Any]) -> str | None:
+        """``MethodConfig.live_only`` of ``options``: why models of them trace live while training, never from a
+        cache (None: a cache can serve them). A sweep neither caches for nor stacks such trials."""
+        return cls.config_class.from_dict(options).live_only()
+
+    @classmethod
     def for_backbone(cls, backbone: Backbone) -> type["Method"]:
         """The class that implements this method on ``backbone`` (a method may need another design on Swin or
         ConvNeXt)."""
@@ -168,6 +179,10 @@ class Method(nn.Module):
     def points_read(self, backbone: Backbone) -> tuple[Point, ...]:
         """Block points (``backbones.points``) this side-path method reads beyond K/V; the trace keeps these too."""
         return ()
+
+    def trace(self, backbone: Backbone, images: torch.Tensor) -> Taps:
+        """The live trace this side-path method reads of ``images``: K/V of its blocks and its points."""
+        return backbone.trace(images, self.blocks_read(backbone), self.points_read(backbone))
 
     def live_blocks(self, backbone: Backbone) -> tuple[int, ...]:
         """Frozen blocks a side-path method runs again, live and with backward, on a stream it changed (DTL)."""

@@ -107,6 +107,10 @@ class Combined(Method):
             self.side_method = self.side_class(config.side, backbone, num_classes)
         except ConfigError as e:
             raise _in_part(q_name, q_cls, e) from None
+        why = config.side.live_only()
+        if why:  # the side path's own live trace is never run here: its K/V come from the stream method's stream
+            raise ConfigError(f"{self.name}: {why}, but here the K/V come from the {s_name} stream; use it with "
+                              f"{q_name} alone")
 
     def attach(self, backbone: Backbone) -> None:
         self.stream_method.attach(backbone)

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from timm.layers import calculate_drop_path_rates
+
 from ...backbones import Backbone, Taps
+from ...errors import ConfigError
 from ..registry import register
 from ..base import Method, MethodConfig, block_count, first_trainable_block, positive, probability
 from ..layers import Adapter
@@ -34,6 +37,9 @@ class SynQTConfig(MethodConfig):
     drop_feat: float = field(default=0.3, metadata={"help": "per-sample drop rate of whole features (DropFeat)"})
     trainable_blocks: int | None = field(default=None, metadata={
         "help": "queries only in the top K blocks, which alone are traced and cached (default: all)"})
+    drop_path: float = field(default=0.0, metadata={
+        "help": "training-time stochastic depth of the frozen stream and of the queries' A/M branches, ramped "
+                "0 -> this over the blocks as timm's drop_path_rate (the authors' 0.1); > 0 traces live, no cache"})
 
     def validate(self) -> None:
         block_count("trainable_blocks", self.trainable_blocks)
@@ -42,6 +48,13 @@ class SynQTConfig(MethodConfig):
         positive("qsm_bottleneck", self.qsm_bottleneck)
         probability("dropout", self.dropout)
         probability("drop_feat", self.drop_feat)
+        probability("drop_path", self.drop_path)
+
+    def live_only(self) -> str | None:
+        if self.drop_path:
+            return (f"drop_path={self.drop_path:g} needs live tracing (stochastic depth changes the frozen stream's "
+                    "K/V every step)")
+        return None
 
 
 class QSMAttention(nn.Module):
@@ -129,7 +142,12 @@ class SynQT(Method):
     summary = "queries synthesised per block from prompts + previous knowledge; frozen blocks extract query-only"
 
     def __init__(self, config: SynQTConfig, backbone: Backbone, num_classes: int):
+        if config.drop_path and backbone.kind != "vit":
+            raise ConfigError(f"drop_path={config.drop_path:g} needs a plain ViT's block stream, not backbone "
+                              f"{backbone.identity.name!r} ({backbone.kind}); use drop_path=0 there")
         super().__init__(config, backbone, num_classes)
+        # Stochastic depth per backbone block, timm's ramp (0 at the first block): the stream's and the queries'.
+        self.drop_rates = tuple(calculate_drop_path_rates(config.drop_path, backbone.depth))
         # Memory-constrained variant: the queries (and the K/V read) start at block L - K; T_{L-K} has no previous.
         self.blocks = tuple(range(first_trainable_block(config.trainable_blocks, backbone.depth), backbone.depth))
         depth, dim = len(self.blocks), backbone.dim
@@ -146,6 +164,13 @@ class SynQT(Method):
     def classifier(self) -> nn.Linear:
         return self.head.fc
 
+    def trace(self, backbone: Backbone, images: torch.Tensor) -> Taps:
+        # In training with drop_path the queries read K/V of a stream perturbed by stochastic depth, as the authors'
+        # model in train mode computes them; in eval mode, the plain stream (what a cache holds).
+        if self.training and self.config.drop_path:
+            return backbone.trace(images, self.blocks, drop_path=self.drop_rates)
+        return super().trace(backbone, images)
+
     def block_path(self, taps: Taps, backbone: Backbone, j: int,
                    prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The j-th block's side path: queries synthesised from its prompts and ``prev`` (the previous block's
@@ -154,7 +179,8 @@ class SynQT(Method):
         if prev is not None:
             p = p + self.feat_scale * prev.unsqueeze(1)  # previous block's knowledge, broadcast over n
         t = self.query_drop(self.qsm[j](self.in_proj[j](p)))
-        a, m, h = taps.query(backbone, self.blocks[j], t)
+        rate = self.drop_rates[self.blocks[j]] if self.training else 0.0  # the block's own rate, as in the stream
+        a, m, h = taps.query(backbone, self.blocks[j], t, drop_path=rate)
         return a.mean(dim=1), m.mean(dim=1), h.mean(dim=1)  # token means: D-vectors from here on
 
     def forward(self, taps: Taps, backbone: Backbone) -> torch.Tensor:
