@@ -6,17 +6,22 @@ import pytest
 import timm
 import torch
 
-from qtune.cache import batches_for, cached_splits, what_is_read
+from qtune.cache import TapCache, batches_for, cached_splits, what_is_read
 from qtune.data import ImageDataset, read_split
 from qtune.data.batches import ImageBatches
 from qtune.engine.config import TrainConfig
 from qtune.engine.loop import fit
 from qtune.engine.many import ModelStack, fit_many
 from qtune.errors import ConfigError
+from qtune.experiments.planner import Plan, groups
+from qtune.experiments.spec import load_spec
+from qtune.experiments.store import Store, Trial
+from qtune.experiments.sweep import run_sweep
 from qtune.tuned import TunedModel
 from tests.backbones.test_stages import convnext
 from tests.cache.cachedata import build, make_vtab
 from tests.conftest import TINY, tiny_backbone
+from tests.experiments.test_sweep import task, write_spec  # noqa: F401 (task is a fixture)
 
 SMALL = {"tokens": 2, "bottleneck": 8, "qsm_bottleneck": 4}
 
@@ -177,3 +182,29 @@ def test_refused_where_it_cannot_act():
     with pytest.raises(ConfigError, match="drop_path=0.1 needs a plain ViT's block stream, not backbone "
                                           "'convnext_tiny' \\(convnext\\); use drop_path=0 there"):
         TunedModel.build(convnext(), "synqt", 4, {"drop_path": 0.1})
+
+
+def _trial(key, options, **train):
+    return Trial(key, "t", "synqt", "fold", 0, 0, 0,
+                 {"method": "synqt", "options": options, "train": {"device": "cpu", "epochs": 3, **train}})
+
+
+def test_a_sweep_neither_stacks_nor_caches_for_it(task, tmp_path):  # noqa: F811
+    trials = [_trial("a", {"drop_path": 0.1}, lr=0.1), _trial("b", {"drop_path": 0.1}, lr=0.01),
+              _trial("c", {}, lr=0.1), _trial("d", {}, lr=0.01)]
+    assert sorted(sorted(t.key for t in g) for g in groups(trials).values()) == [["a"], ["b"], ["c", "d"]]
+    options = "options = { tokens = 1, bottleneck = 8, qsm_bottleneck = 4, drop_path = 0.1 }"
+    spec = write_spec(tmp_path / "s.toml", task, epochs=1, selection="val", methods=f"""
+[methods.linear]
+[methods.synqt]
+{options}
+grid = {{ lr = [0.01, 0.001] }}
+""")
+    plan = Plan(load_spec(spec), tmp_path / "plan")
+    assert not plan.reads_cache("synqt") and plan.reads_cache("linear")
+    assert plan.reads["shapes4"] == ((), ())  # the task's cache holds what the linear probe reads, no K/V
+    h = run_sweep(spec, tmp_path / "run", jobs=1, progress=False)
+    trials = Store(tmp_path / "run" / "store.sqlite").trials(h)
+    assert all(t.state == "done" for t in trials)
+    assert sorted(t.method for t in trials if t.kind == "final") == ["linear"] * 2 + ["synqt"] * 2
+    assert TapCache(Plan(load_spec(spec), tmp_path / "run").cache_dir("shapes4")).blocks == ()

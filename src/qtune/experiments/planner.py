@@ -52,6 +52,10 @@ class Plan:
                               else self.backbone_key for m in spec.methods}
         self.task_ids = {t: task_identity(s) for t, s in self.sources.items()}
         self.candidates = {(t, m.name): spec.candidates(t, m) for t in spec.tasks for m in spec.methods_on(t)}
+        # Side-path rows whose every candidate traces live while training (Method.live_only) read no cache.
+        self.live_rows = {m.name for m in spec.methods if get_method(m.method).reads_taps and all(
+            get_method(m.method).live_only(c.options) for (_, n), cs in self.candidates.items() if n == m.name
+            for c in cs)}
         self.reads = {t: self._reads(backbone, t) for t in spec.tasks}
         self.hash = digest(canonical({"backbone": self.backbone_key, "tasks": self.task_ids,
                                       "candidates": {f"{t}/{m}": [asdict(c) for c in cs]
@@ -63,8 +67,10 @@ class Plan:
         return m.backbone(self.spec.backbone) is not self.spec.backbone
 
     def reads_cache(self, name: str) -> bool:
-        """Whether the method's trials read the task's cache: side-path methods on the spec's backbone."""
-        return get_method(self.methods[name].method).reads_taps and not self.own_backbone(name)
+        """Whether the method's trials read the task's cache: side-path methods on the spec's backbone, unless all
+        their candidates trace live."""
+        return (get_method(self.methods[name].method).reads_taps and not self.own_backbone(name)
+                and name not in self.live_rows)
 
     def _variants(self) -> dict[str, Any]:
         """What labelled rows and their backbones add to an identity (nothing for a spec without them)."""
@@ -163,15 +169,15 @@ def item(t: Trial, until: int | None = None) -> Item:
 
 def groups(trials: list[Trial]) -> dict[tuple, list[Trial]]:
     """Selection trials that can share a stack: side-path trials of one task, method, structure and shared
-    schedule (``engine.many.SHARED``) where the method gains from stacking on their device (``Method.stacks_on``);
-    every other trial alone, so the workers spread them."""
+    schedule (``engine.many.SHARED``) where the method gains from stacking on their device (``Method.stacks_on``)
+    and the trial does not trace live (``Method.live_only``); every other trial alone, so the workers spread them."""
     from ..engine.many import SHARED
 
     groups: dict[tuple, list[Trial]] = {}
     for t in trials:
         method = get_method(t.config["method"])
         device = TrainConfig(**t.config["train"]).resolved_device().type
-        if method.reads_taps and device in method.stacks_on:
+        if method.reads_taps and device in method.stacks_on and not method.live_only(t.config["options"]):
             structure = canonical(method.config_class.from_dict(t.config["options"]).structure())
             shared = canonical({k: t.config["train"].get(k) for k in SHARED})
             groups.setdefault((t.task, t.method, structure, shared), []).append(t)
@@ -191,7 +197,7 @@ def stack_sizes(plan: Plan, groups: dict[tuple, list[Trial]], budget: int, most:
     sizes = {}
     for key, trials in groups.items():
         t = trials[0]
-        if not plan.reads_cache(t.method):
+        if not plan.reads_cache(t.method) or get_method(t.config["method"]).live_only(t.config["options"]):
             continue
 
         def build(seed: int, t: Trial = t) -> TunedModel:
