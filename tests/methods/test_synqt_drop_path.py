@@ -208,3 +208,22 @@ grid = {{ lr = [0.01, 0.001] }}
     assert all(t.state == "done" for t in trials)
     assert sorted(t.method for t in trials if t.kind == "final") == ["linear"] * 2 + ["synqt"] * 2
     assert TapCache(Plan(load_spec(spec), tmp_path / "run").cache_dir("shapes4")).blocks == ()
+
+
+def test_qtune_train_with_a_cache_traces_live_and_says_why(shapes, tmp_path, capsys):
+    from qtune.cli import main
+    from tests.test_cli import BACKBONE, _train
+
+    assert main(["cache", "build", *BACKBONE, "--data", str(shapes / "train"), "--out", str(tmp_path / "c"),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(_train(shapes, tmp_path, "-O", "tokens=2", "-O", "drop_path=0.1", "--cache", str(tmp_path / "c"))) == 0
+    out = capsys.readouterr().out
+    assert f"qtune: cache {tmp_path / 'c'} not used: drop_path=0.1 needs live tracing" in out
+    assert "qtune cache build" not in out  # no advice to cache what a cache cannot serve
+    ckpt = str(tmp_path / "run" / "checkpoint")
+    evals = []
+    for _ in range(2):  # eval mode: no drop path, the same accuracy every time
+        assert main(["eval", "--checkpoint", ckpt, "--data", str(shapes / "test"), "--quiet"]) == 0
+        evals.append(capsys.readouterr().out)
+    assert evals[0] == evals[1]

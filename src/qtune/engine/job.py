@@ -138,7 +138,7 @@ def _train_job(spec: JobSpec, out: Path, overwrite: bool, resume: bool, tensorbo
     for note in notes:
         print(note)
     cache_used = {k: not isinstance(b, ImageBatches) for k, b in datasets.items()} if spec.cache else {}
-    if model.reads_taps and not spec.cache and spec.train.epochs > 1:
+    if model.reads_taps and not model.live_only and not spec.cache and spec.train.epochs > 1:
         print(f"qtune: {spec.method} reads only the frozen stream, traced here once per epoch ({spec.train.epochs} "
               f"passes); `qtune cache build --method {spec.method} ...` then --cache DIR trains from one pass")
     device = spec.train.resolved_device()
