@@ -612,3 +612,25 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     cmd = f"{sys.executable} -m qtune.cli methods --options synqt | true"  # the reader is gone before any write
     done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == ""
+
+
+def test_every_command_prints_its_help():
+    """Help text is a %-format for argparse: a stray % breaks --help of its command."""
+    import argparse
+
+    from qtune.cli import build_parser
+
+    def commands(parser: argparse.ArgumentParser, path: list[str]):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield path
+        for action in subs:
+            for name, child in action.choices.items():
+                yield from commands(child, [*path, name])
+
+    paths = list(commands(build_parser(), []))
+    assert ["cache", "build"] in paths and len(paths) > 10
+    for path in paths:
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([*path, "--help"])
+        assert e.value.code == 0, path

@@ -587,8 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="root for list-file paths (default: each list file's folder)")
     p.add_argument("--out", required=True, help="cache folder to write")
     p.add_argument("--dtype", default="fp16", choices=tuple(CACHE_DTYPES),
-                   help="storage dtype of K/V (default fp16); int8: symmetric with per-token fp16 scales, 52% of "
-                        "fp16's size; the pooled feature and block points stay fp16)")
+                   help="storage dtype of K/V (default fp16); int8: symmetric with per-token fp16 scales, 52%% of "
+                        "fp16's size; the pooled feature and block points stay fp16")
     p.add_argument("--blocks", help="blocks to keep: all (default), none, or indices like 0,5,11")
     p.add_argument("--method", help="keep what this method reads: its blocks' K/V (linear: none) and block points "
                                     "(head2toe, lst)")
