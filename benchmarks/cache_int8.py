@@ -1,10 +1,12 @@
 """int8 K/V caches against fp32 and fp16 caches of the same images, on a pretrained ViT: size per image, quantisation
 error per block, training speed, logits and test accuracy of linear, VQT, SynQT and DTL+.
 
-Per task, a train cache (train800val200) and a test cache are built in fp32 by tracing the backbone once; the fp16
-and int8 caches of the same images are written by ``build_cache`` from the fp32 cache's values (``Replay``: the
-numbers a second trace would compute, without its cost). Every method trains once per dtype from the train cache
-of that dtype, with the same seed and batch order, and is tested once on the test cache of that dtype. Logit
+Per task, the training images (train800val200) and the test images (in shards of --shard) are traced once into an
+fp32 cache; the fp16 and int8 caches of the same images are written by ``build_cache`` from the fp32 cache's values
+(``Replay``: the numbers a second trace would compute, without its cost). The methods reading K/V (and the linear
+probe) and those reading block points (DTL+) get caches of their own, and every cache is deleted once used, so disk
+use stays near one split's fp32 and fp16 caches. Every method trains once per dtype from the training cache of that
+dtype, with the same seed and batch order, and is tested once on the test caches of that dtype. Logit
 differences are taken against the fp32-trained model on the fp32 cache, two ways:
   same weights: the fp32-trained model reading its test K/V from the other cache (what storage alone changes);
   trained on it: the model trained and tested on the other cache (end to end).
@@ -13,8 +15,8 @@ quantised to int8 (int8 caches keep the pooled feature and block points in fp16:
 linear probe only the pooled feature, so both read the same bytes from an int8 cache as from an fp16 one; checked).
 
 One torch thread; times are CPU seconds of the process per epoch (wall seconds in the JSON). Schedules are each
-method's recipe (optimizer, lr, batch, decay) cut to --epochs, with warmup a fifth of them: the dtypes are compared
-under one schedule, not the methods at their best.
+method's recipe (optimizer, lr, batch, decay) cut to a few epochs (EPOCHS, or --epochs), with warmup a fifth of
+them: the dtypes are compared under one schedule, not the methods at their best.
 
     python benchmarks/cache_int8.py --weights ../shared/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k \\
         --flowers ../data/vtab-1k/oxford_flowers102 --out runs/cache-int8 --json benchmarks/results/cache_int8.json
