@@ -29,6 +29,7 @@ from qtune.experiments.sweep import run_sweep
 from qtune.io import write_text
 from qtune.methods import get_method
 from qtune.methods.presets import SYNQT_RECIPE, SYNQT_VTAB, VQT_RECIPE, get_preset
+from qtune.precision import CACHE_DTYPES
 from qtune.report.sweep_report import write_report
 
 TASKS = ("dsprites_loc", "clevr_dist", "clevr_count", "fashion_mnist", "mnist", "dsprites_ori")  # longest first
@@ -130,7 +131,7 @@ def main() -> None:
                    help="the learning rates Head2Toe, LST, DTL or DTL+ choose among, e.g. dtl=0.01,lst=0.003/0.001")
     p.add_argument("--synqt-natural", default="defaults,svhn",
                    help="SynQT's candidates on tasks without a preset: defaults and/or svhn (SVHN's preset)")
-    p.add_argument("--cache-dtype", default="fp32", choices=("fp32", "fp16"), help="the per-task TapCaches' dtype")
+    p.add_argument("--cache-dtype", default="fp32", choices=tuple(CACHE_DTYPES), help="the per-task TapCaches' dtype")
     p.add_argument("--table-only", action="store_true",
                    help="train nothing: the tables of the latest sweep in OUT's store")
     p.add_argument("--seeds", default="0", help="comma-separated seeds of the final runs")
