@@ -75,7 +75,8 @@ def main() -> None:
     p.add_argument("--weights", required=True,
                    help="a backbone folder in timm's hub layout (or a weights file), or demo: qtune's demo ViT")
     p.add_argument("--out", default="runs/halving")
-    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--tasks", default=",".join(TASKS), help="offline tasks (generated or real scans; none: '')")
+    p.add_argument("--vtab", default="", help="VTAB-1k task folders too, comma-separated (qtune data vtab)")
     p.add_argument("--methods", default="linear,vqt,synqt")
     p.add_argument("--test-size", type=int, default=500)
     p.add_argument("--selection", default="val", choices=("val", "kfold"))
@@ -97,6 +98,9 @@ def main() -> None:
                                       "warmup_epochs": t["train"]["warmup_epochs"] * args.epochs
                                       / t["train"]["epochs"]}} for m, t in methods.items()}
     dirs = task_dirs(out / "data", tasks, args.test_size)
+    for folder in (Path(d).resolve() for d in args.vtab.split(",") if d):
+        dirs[folder.name] = folder
+        tasks.append(folder.name)
     halving = {"eta": args.eta, "rungs": [float(f) for f in args.rungs.split(",")]}
     specs = {}
     for name, extra in (("full", {}), ("halving", {"halving": halving})):
