@@ -21,7 +21,7 @@ selection = "kfold"        # "kfold" on train800val200, or "val" (train800 -> va
 folds = 5
 seed = 0                   # folds and the shared batch order
 seeds = [0, 1, 2]          # final runs of the chosen config
-cache_dtype = "fp16"
+cache_dtype = "fp16"       # or fp32, bf16, int8 (storage of the K/V caches)
 gpus_per_unit = 1          # GPUs a unit training on "cuda" asks Ray for (0.25: four units share one)
 halving = { eta = 3, rungs = [0.1, 0.3] }   # successive halving of each grid (optional; see Halving)
 
