@@ -153,7 +153,8 @@ def plot_fewshot(path: Path, curves: dict[str, dict[str, dict[int, list[float]]]
     fig.tight_layout()
     from ..io import atomic_write
 
-    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    # tight: one dataset's panel is narrower than the sweep's title, which would be cut at the figure's edge
+    atomic_write(path, lambda p: fig.savefig(p, format="png", bbox_inches="tight"))
     plt.close(fig)
     return path
 
