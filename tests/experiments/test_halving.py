@@ -12,7 +12,7 @@ from qtune.experiments.spec import Halving
 from qtune.experiments.store import Store, Trial
 from qtune.experiments.sweep import run_sweep
 from qtune.report.sweep_report import write_report
-from tests.experiments.test_sweep import task, write_spec  # noqa: F401 - the task fixture
+from tests.experiments.test_sweep import write_spec
 
 METHODS = """
 [methods.linear]

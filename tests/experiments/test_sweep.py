@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -13,34 +12,10 @@ from pathlib import Path
 import pytest
 
 from qtune.cli import main
-from qtune.data import read_split
 from qtune.experiments.store import Store
 from qtune.experiments.sweep import run_sweep
 from qtune.report.sweep_report import write_report
 from tests.conftest import TINY, TINY_NAME
-
-
-@pytest.fixture(scope="module")
-def task(shapes, tmp_path_factory) -> Path:
-    """A VTAB-1k style task folder of the shapes images: train800 24, val200 8, test 16 (4 classes)."""
-    root = tmp_path_factory.mktemp("task") / "shapes4"
-    root.mkdir()
-    train = read_split(shapes / "train").samples
-    test = read_split(shapes / "test").samples
-    pick = {"train800": [s for c in range(4) for s in [t for t in train if t[1] == c][:6]],
-            "val200": [s for c in range(4) for s in [t for t in train if t[1] == c][6:8]],
-            "test": test[::5][:16]}
-    pick["train800val200"] = pick["train800"] + pick["val200"]
-    for split, samples in pick.items():
-        base = shapes / ("test" if split == "test" else "train")
-        lines = []
-        for rel, y in samples:
-            name = f"images/{base.name}_{rel.replace('/', '_')}"
-            (root / name).parent.mkdir(exist_ok=True)
-            shutil.copy2(base / rel, root / name)
-            lines.append(f"{name} {y}\n")
-        (root / f"{split}.txt").write_text("".join(lines))
-    return root
 
 
 def write_spec(path: Path, task: Path, epochs: int = 2, methods: str | None = None, selection: str = "kfold",

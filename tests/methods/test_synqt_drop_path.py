@@ -21,7 +21,7 @@ from qtune.tuned import TunedModel
 from tests.backbones.test_stages import convnext
 from tests.cache.cachedata import build, make_vtab
 from tests.conftest import TINY, tiny_backbone
-from tests.experiments.test_sweep import task, write_spec  # noqa: F401 (task is a fixture)
+from tests.experiments.test_sweep import write_spec
 
 SMALL = {"tokens": 2, "bottleneck": 8, "qsm_bottleneck": 4}
 
@@ -189,7 +189,7 @@ def _trial(key, options, **train):
                  {"method": "synqt", "options": options, "train": {"device": "cpu", "epochs": 3, **train}})
 
 
-def test_a_sweep_neither_stacks_nor_caches_for_it(task, tmp_path):  # noqa: F811
+def test_a_sweep_neither_stacks_nor_caches_for_it(task, tmp_path):
     trials = [_trial("a", {"drop_path": 0.1}, lr=0.1), _trial("b", {"drop_path": 0.1}, lr=0.01),
               _trial("c", {}, lr=0.1), _trial("d", {}, lr=0.01)]
     assert sorted(sorted(t.key for t in g) for g in groups(trials).values()) == [["a"], ["b"], ["c", "d"]]
