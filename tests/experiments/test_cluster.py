@@ -20,10 +20,7 @@ from qtune.experiments import cluster as qcluster
 from qtune.experiments.store import Store
 from qtune.experiments.sweep import run_sweep
 from qtune.report.sweep_report import write_report
-from tests.experiments import test_sweep
 from tests.experiments.test_sweep import accuracies, write_spec
-
-task = test_sweep.task  # the shapes task folder (a module-scoped fixture)
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
