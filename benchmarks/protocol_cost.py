@@ -88,7 +88,8 @@ def main() -> None:
     for g in sizes:
         cfgs = [TrainConfig(epochs=1, batch_size=64, lr=1e-3 * 10 ** (k / max(g - 1, 1)), weight_decay=1e-2,
                             warmup_epochs=0.5, seed=k, shuffle_seed=0, progress=False) for k in range(g)]
-        models = [build(c.seed) for c in cfgs]
+        fit_many([build(c.seed) for c in cfgs], batches, cfgs)  # warm-up: the first epoch of a new stack size
+        models = [build(c.seed) for c in cfgs]  # pays allocation and tracing that the protocol's 50 epochs do not
         start = time.perf_counter()
         fit_many(models, batches, cfgs)
         cost[g] = (time.perf_counter() - start) / g / args.images / frozen
