@@ -85,7 +85,7 @@ def units_running() -> list[int]:
     return pids
 
 
-def wait_for_selection(out: Path, driver, before: tuple[int, ...] = (), timeout: float = 120) -> list[int]:
+def wait_for_selection(out: Path, driver, before: tuple[int, ...] = (), timeout: float = 300) -> list[int]:
     """Once a selection unit is running on a worker (not one of the processes ``before``): those workers. ``driver``
     (a thread or a process) still runs the sweep."""
     deadline = time.monotonic() + timeout
